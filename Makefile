@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (sample from the default testbed and write a picture)
+# and `make test`. Both create .venv on first use. torch is pinned to 2.13.0 here
+# because that release is the CPU build available offline on our machines; the
+# package itself only asks for torch>=2.2.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diffsampler sample --testbed ring8 --solver dpmpp_2m --steps 10 --out out/
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,150 @@
+"""Time grids: a grid is data, a float64 1-D tensor of strictly decreasing process times.
+
+Every builder takes the process and the number of steps (intervals) and returns
+``steps + 1`` times from ``t_max`` down. With ``end="zero"`` (the default, as
+k-diffusion's grids end) the last interval goes from ``t_min`` to ``0``, where
+the sample is data; with ``end="min"`` the grid stops at ``t_min``. Starting
+mid-way (image-to-image, inversion) is slicing a grid: ``grid[k:]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .process import Process
+
+__all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "validate", "get", "names", "GRIDS"]
+
+ENDS = ("zero", "min")
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def _range(process: Process, t_max, t_min) -> tuple[float, float]:
+    hi = process.t_max if t_max is None else float(t_max)
+    lo = process.t_min if t_min is None else float(t_min)
+    if not (process.t_min <= lo < hi <= process.t_max) or not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"grid range: need {process.t_min} <= t_min < t_max <= {process.t_max} for "
+                         f"{process!r}, got t_min={lo}, t_max={hi}")
+    return hi, lo
+
+
+def _build(process: Process, steps: int, end: str, t_max, t_min,
+           spacing: Callable[[float, float, int], torch.Tensor]) -> torch.Tensor:
+    """Place the non-zero knots with ``spacing(hi, lo, n)`` and finish the grid."""
+    steps = _check_steps(steps)
+    if end not in ENDS:
+        raise ValueError(f"end must be one of {ENDS}, got {end!r}")
+    hi, lo = _range(process, t_max, t_min)
+    if end == "zero":
+        if not process.reaches_data:
+            raise ValueError(f"end='zero': {process!r} cannot denoise to t = 0; use end='min'")
+        n = steps
+    else:
+        n = steps + 1
+    if n == 1:
+        knots = torch.tensor([hi], dtype=torch.float64)
+    else:
+        knots = spacing(hi, lo, n).to(torch.float64)
+        knots[0], knots[-1] = hi, lo  # exact end points whatever the round trip through the spacing
+    if end == "zero":
+        knots = torch.cat([knots, knots.new_zeros(1)])
+    return validate(process, knots)
+
+
+def uniform(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform in process time ``t``."""
+    return _build(process, steps, end, t_max, t_min,
+                  lambda hi, lo, n: torch.linspace(hi, lo, n, dtype=torch.float64))
+
+
+def logsnr(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform in the log signal-to-noise ratio ``lambda`` (DPM-Solver's ``logSNR`` skip type)."""
+    def spacing(hi, lo, n):
+        lam_hi, lam_lo = float(process.lambda_(hi)), float(process.lambda_(lo))
+        if not (math.isfinite(lam_hi) and math.isfinite(lam_lo)):
+            raise ValueError(f"logsnr: lambda is infinite at the ends of [{lo}, {hi}] for {process!r} "
+                             f"(alpha or sigma is 0 there); pass t_max/t_min strictly inside")
+        lam = torch.linspace(lam_hi, lam_lo, n, dtype=torch.float64)
+        return process.t_of_lambda(lam)
+    return _build(process, steps, end, t_max, t_min, spacing)
+
+
+def karras(process: Process, steps: int, rho: float = 7.0, *, end: str = "zero", t_max=None,
+           t_min=None) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: uniform in ``s ** (1 / rho)`` of the noise level ``s = ode_sigma(t)``."""
+    if not rho > 0:
+        raise ValueError(f"karras: rho must be > 0, got {rho}")
+
+    def spacing(hi, lo, n):
+        s_hi, s_lo = process.ode_sigma(hi), process.ode_sigma(lo)
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        s = (s_hi ** (1 / rho) + ramp * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+        return process.t_of_ode_sigma(s)
+    return _build(process, steps, end, t_max, t_min, spacing)
+
+
+def quadratic(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform in ``sqrt(t)`` (DDIM's ``quad`` and DPM-Solver's ``time_quadratic``)."""
+    return _build(process, steps, end, t_max, t_min,
+                  lambda hi, lo, n: torch.linspace(hi ** 0.5, lo ** 0.5, n, dtype=torch.float64) ** 2)
+
+
+def explicit(process: Process, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """A grid from explicit process times (validated)."""
+    return validate(process, times)
+
+
+def validate(process: Process, grid) -> torch.Tensor:
+    """Return ``grid`` as a float64 CPU tensor, or raise a ValueError saying what is wrong.
+
+    A grid has at least two times, is finite and strictly decreasing, and lies in
+    ``[t_min, t_max]``; its last time may be 0 when the process reaches data.
+    """
+    try:
+        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"grid must be a 1-D sequence of times, got {type(grid).__name__}: {err}") from None
+    if g.ndim != 1 or g.numel() < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 times (one step), got shape {tuple(g.shape)}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"grid has non-finite times: {g.tolist()}")
+    diffs = g[1:] - g[:-1]
+    if not bool((diffs < 0).all()):
+        k = int(torch.nonzero(diffs >= 0)[0])
+        raise ValueError(f"grid must be strictly decreasing; grid[{k}] = {g[k].item()} is followed by "
+                         f"grid[{k + 1}] = {g[k + 1].item()}")
+    inner = g[:-1] if (process.reaches_data and g[-1].item() == 0.0) else g
+    lo, hi = inner.min().item(), inner.max().item()
+    tol = 1e-12 * max(1.0, abs(process.t_max))
+    if hi > process.t_max + tol or lo < process.t_min - tol:
+        zero = " (or a final 0)" if process.reaches_data else ""
+        raise ValueError(f"grid times must lie in [{process.t_min}, {process.t_max}]{zero} for {process!r}; "
+                         f"got values from {lo} to {hi}")
+    return g
+
+
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {
+    "uniform": uniform,
+    "logsnr": logsnr,
+    "karras": karras,
+    "quadratic": quadratic,
+}
+
+
+def names() -> list[str]:
+    return sorted(GRIDS)
+
+
+def get(name: str, process: Process, steps: int, **options) -> torch.Tensor:
+    """Build the grid called ``name``; an unknown name lists the valid ones."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; valid grids: {', '.join(names())}")
+    return GRIDS[name](process, steps, **options)

@@ -1,0 +1,47 @@
+"""Solver registry: ``names()``, ``get(name, **options)`` and the solver classes.
+
+A new solver is its own module plus one line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from .base import Knots, Solver
+from .ddim import DDIM
+from .dpmpp import DPMpp2M
+from .karras import Euler, Heun
+
+__all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "DPMpp2M"]
+
+REGISTRY: dict[str, type[Solver]] = {
+    "euler": Euler,
+    "heun": Heun,
+    "ddim": DDIM,
+    "dpmpp_2m": DPMpp2M,
+}
+
+
+def names() -> list[str]:
+    """Every registered solver name."""
+    return sorted(REGISTRY)
+
+
+def get(name: str, **options) -> Solver:
+    """The solver registered as ``name`` with ``options``; unknown names or options raise ValueError."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(names())}")
+    cls = REGISTRY[name]
+    unknown = sorted(set(options) - set(cls.options()))
+    if unknown:
+        valid = ", ".join(cls.options()) or "none"
+        raise ValueError(f"solver {name!r} has no option(s) {', '.join(unknown)}; valid options: {valid}")
+    return cls(**options)
+
+
+def resolve(solver) -> Solver:
+    """A solver object from a registered name or a solver object."""
+    if isinstance(solver, Solver):
+        return solver
+    if isinstance(solver, str):
+        return get(solver)
+    raise TypeError(f"solver must be a registered name ({', '.join(names())}) or a Solver, "
+                    f"got {type(solver).__name__}")

@@ -1,0 +1,106 @@
+"""The solver protocol and the per-grid quantities every solver starts from.
+
+A solver is an immutable object holding only hyperparameters. The loop calls
+
+    state = solver.init(knots, x)
+    x, state = solver.step(model, x, i, state, noise)      # for i in range(len(knots))
+
+``init`` precomputes everything that depends only on the grid (per-step
+coefficients as Python floats), so a step does tensor work and nothing else.
+All history (previous model outputs, step ratios) lives in the returned state.
+``model`` is a callable ``(x, t) -> Prediction`` with the conditioning bound;
+``noise`` is a :class:`~diffsampler.noise.StepNoise` for stochastic solvers and
+``None`` otherwise.
+
+Metadata: ``order`` is the convergence order (never "model calls per step"),
+``nfe_per_step`` the network evaluations per step (the last step may use fewer),
+``stochastic`` whether the solver draws noise, ``paper`` the citation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..denoiser import Prediction
+from ..process import Process
+
+__all__ = ["Knots", "Solver", "Model"]
+
+Model = Callable[[torch.Tensor, Any], Prediction]
+
+
+@dataclass(frozen=True)
+class Knots:
+    """Process quantities at the times of one grid, as float64 Python numbers.
+
+    ``t[i]``, ``alpha[i]``, ``sigma[i]``, ``lam[i]`` (log-SNR, ``+inf`` at
+    ``t = 0``), and the k-diffusion coordinates ``scale[i] = ode_scale`` and
+    ``s[i] = ode_sigma``. ``len(knots)`` is the number of steps.
+    """
+
+    process: Process
+    t: tuple[float, ...]
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    lam: tuple[float, ...]
+    scale: tuple[float, ...]
+    s: tuple[float, ...]
+
+    @classmethod
+    def from_grid(cls, process: Process, grid: torch.Tensor) -> "Knots":
+        ts = [float(v) for v in grid.tolist()]
+        return cls(
+            process=process,
+            t=tuple(ts),
+            alpha=tuple(float(process.alpha(v)) for v in ts),
+            sigma=tuple(abs(float(process.sigma(v))) for v in ts),
+            lam=tuple(float(process.lambda_(v)) for v in ts),
+            scale=tuple(float(process.ode_scale(v)) for v in ts),
+            s=tuple(abs(float(process.ode_sigma(v))) for v in ts),
+        )
+
+    def __len__(self) -> int:
+        return len(self.t) - 1
+
+    def h(self, i: int) -> float:
+        """Step size in log-SNR from knot ``i`` to ``i + 1`` (``inf`` into ``t = 0``)."""
+        return self.lam[i + 1] - self.lam[i]
+
+
+class Solver:
+    """Base class of all solvers: a frozen dataclass of hyperparameters plus ``init``/``step``."""
+
+    name: ClassVar[str]
+    order: ClassVar[int]
+    nfe_per_step: ClassVar[int]
+    paper: ClassVar[str]
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def init(self, knots: Knots, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def step(self, model: Model, x: torch.Tensor, i: int, state: Any, noise) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+    # helpers for subclasses' __post_init__ ---------------------------------
+    def _require(self, ok: bool, option: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.name}: {option} = {getattr(self, option)!r} is invalid; "
+                             f"allowed: {allowed}")
+
+    def _require_finite_nonneg(self, option: str) -> None:
+        v = getattr(self, option)
+        self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                      option, "a finite number >= 0")

@@ -1,0 +1,140 @@
+"""Euler and Heun in the k-diffusion coordinates, with EDM's stochastic churn.
+
+Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based
+Generative Models", Algorithms 1 and 2. The solvers integrate
+``dy/ds = (y - x0_hat) / s`` in the process's coordinates ``y = x / ode_scale(t)``,
+``s = ode_sigma(t)`` (EDM variables for VP and EDM, ``(x, t)`` for flows), so on
+VP models they agree with k-diffusion's ``sample_euler``/``sample_heun`` and on
+EDM models with the EDM paper.
+
+Churn ("S_churn"): before step ``i``, when ``s_tmin <= s_i <= s_tmax``, the noise
+level is raised to ``s_hat = s_i (1 + gamma)`` with ``gamma = min(s_churn / steps,
+sqrt(2) - 1)`` by adding fresh noise. We add it with the process's exact forward
+kernel from ``t`` to ``t_hat``, ``x_hat = (alpha_hat / alpha) x + sqrt(sigma_hat^2 -
+(alpha_hat sigma / alpha)^2) s_noise z``, which is Algorithm 2's ``x + sqrt(s_hat^2
+- s^2) z`` in EDM coordinates and stays correct for flows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .base import Knots, Solver
+
+__all__ = ["Euler", "Heun"]
+
+
+class KarrasStep(NamedTuple):
+    """Precomputed quantities of one step: where the model is evaluated and how x moves."""
+
+    t_hat: float        # time of the (first) model evaluation
+    churn_keep: float   # x_hat = churn_keep * x + churn_noise * z
+    churn_noise: float
+    scale_hat: float    # ode_scale and ode_sigma at t_hat
+    s_hat: float
+    scale_next: float   # ode_scale and ode_sigma at t_{i+1}
+    s_next: float
+    t_next: float
+
+
+class KarrasState(NamedTuple):
+    steps: tuple[KarrasStep, ...]
+
+
+@dataclass(frozen=True)
+class _ChurnedSolver(Solver):
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        self._require_finite_nonneg("s_churn")
+        self._require_finite_nonneg("s_noise")
+        self._require(isinstance(self.s_tmin, (int, float)) and isinstance(self.s_tmax, (int, float))
+                      and 0 <= self.s_tmin <= self.s_tmax, "s_tmin", "0 <= s_tmin <= s_tmax")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.s_churn > 0
+
+    def init(self, knots: Knots, x: torch.Tensor) -> KarrasState:
+        proc, n = knots.process, len(knots)
+        steps = []
+        for i in range(n):
+            t, s = knots.t[i], knots.s[i]
+            gamma = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if self.s_tmin <= s <= self.s_tmax else 0.0
+            keep, noise = 1.0, 0.0
+            t_hat = t
+            if gamma > 0:
+                t_hat = min(float(proc.t_of_ode_sigma(s * (1.0 + gamma))), proc.t_max)
+                if t_hat > t:
+                    a, sg = knots.alpha[i], knots.sigma[i]
+                    a_hat, sg_hat = float(proc.alpha(t_hat)), float(proc.sigma(t_hat))
+                    keep = a_hat / a
+                    noise = self.s_noise * math.sqrt(max(0.0, sg_hat ** 2 - (keep * sg) ** 2))
+                else:
+                    t_hat = t
+            scale_hat, s_hat = ((knots.scale[i], s) if t_hat == t else
+                                (float(proc.ode_scale(t_hat)), float(proc.ode_sigma(t_hat))))
+            steps.append(KarrasStep(t_hat, keep, noise, scale_hat, s_hat,
+                                    knots.scale[i + 1], knots.s[i + 1], knots.t[i + 1]))
+        return KarrasState(tuple(steps))
+
+    @staticmethod
+    def _churn(x: torch.Tensor, i: int, st: KarrasStep, noise) -> torch.Tensor:
+        if st.churn_noise == 0.0:
+            return x
+        return x * st.churn_keep + noise.draw(i) * st.churn_noise
+
+
+@dataclass(frozen=True)
+class Euler(_ChurnedSolver):
+    """Euler's method (Karras et al. 2022, Algorithm 2 without the correction).
+
+    Order 1, 1 NFE per step; stochastic when ``s_churn > 0``. Without churn it is
+    the same map as DDIM with ``eta = 0``, for every process.
+    """
+
+    name = "euler"
+    order = 1
+    nfe_per_step = 1
+    paper = "Karras et al. 2022, arXiv:2206.00364"
+
+    def step(self, model, x, i, state, noise):
+        st = state.steps[i]
+        x = self._churn(x, i, st, noise)
+        x0 = model(x, st.t_hat).x0
+        # y' = y + (s' - s) (y - x0) / s, written on x = scale * y.
+        ratio = st.s_next / st.s_hat
+        return x * (st.scale_next * ratio / st.scale_hat) + x0 * (st.scale_next * (1.0 - ratio)), state
+
+
+@dataclass(frozen=True)
+class Heun(_ChurnedSolver):
+    """Heun's second-order method, EDM's deterministic/stochastic sampler (Karras et al. 2022, Alg. 2).
+
+    Order 2, 2 NFE per step (1 on a final step to ``t = 0``, which is an Euler
+    step); stochastic when ``s_churn > 0``.
+    """
+
+    name = "heun"
+    order = 2
+    nfe_per_step = 2
+    paper = "Karras et al. 2022, arXiv:2206.00364"
+
+    def step(self, model, x, i, state, noise):
+        st = state.steps[i]
+        x = self._churn(x, i, st, noise)
+        y = x / st.scale_hat
+        d1 = (y - model(x, st.t_hat).x0) / st.s_hat
+        dt = st.s_next - st.s_hat
+        y_euler = y + d1 * dt
+        if st.s_next == 0.0:
+            return y_euler * st.scale_next, state
+        d2 = (y_euler - model(y_euler * st.scale_next, st.t_next).x0) / st.s_next
+        return (y + (d1 + d2) * (0.5 * dt)) * st.scale_next, state
