@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diffsampler sample --testbed ring8 --solver dpmpp_2m --steps 10 --out out/
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,7 +1,7 @@
 """Noise for stochastic solvers, keyed per sample so a sample never depends on its batch.
 
-``StepNoise`` takes one 63-bit key per sample from the caller's generator (one
-draw per sample, in batch order) and then produces the standard normal noise of
+``StepNoise`` takes one 64-bit key per sample from the caller's generator (see
+:func:`sample_keys`) and then produces the standard normal noise of
 step ``i`` as a pure function of ``(key, i, stream, element index)``: a
 counter-based generator (SplitMix64 finaliser, Steele et al. 2014, as the
 mixing function; Box-Muller for the Gaussian). Consequences:
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["StepNoise", "sample_keys"]
+__all__ = ["StepNoise", "sample_keys", "standard_normal"]
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64 multipliers as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -51,19 +51,39 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_keys(batch: int, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """One key per sample: the k-th draw from ``generator``, or a draw from the k-th generator of a list."""
+    """One key per sample.
+
+    From a single generator: one draw (whatever the batch size), and sample
+    ``k`` gets a key mixed from that draw and ``k``, so the generator advances by
+    the same amount for every batch size and sample ``k`` is the same in every
+    batch. From a list of generators (one per sample, as in diffusers): one
+    draw from each.
+    """
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch:
             raise ValueError(f"generator: a list needs one generator per sample ({batch}), got {len(generator)}")
-        gens = list(generator)
-    else:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, a list of them, or None; "
-                            f"got {type(generator).__name__}")
-        gens = [generator] * batch
-    keys = [int(torch.randint(0, _KEY_LIMIT, (1,), generator=g, device=g.device if g is not None else "cpu"))
-            for g in gens]
-    return torch.tensor(keys, dtype=torch.int64)
+        draws = [_draw(g) for g in generator]
+        return _mix(torch.tensor(draws, dtype=torch.int64))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of them, or None; "
+                        f"got {type(generator).__name__}")
+    base = _draw(generator)
+    return _mix(base + torch.arange(batch, dtype=torch.int64) * _GOLDEN)
+
+
+def _draw(generator: torch.Generator | None) -> int:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, _KEY_LIMIT, (1,), generator=generator, device=device))
+
+
+def standard_normal(shape: Sequence[int], generator=None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """``randn`` whose sample ``k`` does not depend on the batch size and is the same on every device."""
+    if device is None:
+        device = generator.device if isinstance(generator, torch.Generator) else "cpu"
+    return StepNoise(sample_keys(shape[0], generator), shape, dtype, device).draw(0)
 
 
 class StepNoise:

@@ -125,18 +125,16 @@ class Process:
               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """Draw ``x_{t_max}`` from the prior ``N(0, prior_std^2 I)``.
 
-        Each sample is drawn by its own call, in batch order, so sample ``k`` is
-        the same whatever the batch size (torch's vectorised normal kernel gives
-        different numbers for different tensor sizes).
+        ``generator`` is a ``torch.Generator`` (advanced by one draw, whatever the
+        batch size) or one generator per sample. Sample ``k`` is the same in every
+        batch size and on every device (see :mod:`diffsampler.noise`).
         """
+        from .noise import standard_normal
+
         shape = tuple(int(s) for s in shape)
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"prior: shape must be a non-empty tuple of positive sizes, got {shape}")
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        rows = [torch.randn(shape[1:], generator=generator, dtype=torch.float64, device=gen_device)
-                for _ in range(shape[0])]
-        x = torch.stack(rows) * self.prior_std
-        return x.to(dtype=dtype, device=device if device is not None else gen_device)
+        return standard_normal(shape, generator, torch.float64, device).mul_(self.prior_std).to(dtype)
 
     # -- the network boundary ----------------------------------------------
     def time_input(self, t: Time) -> Time:

@@ -93,7 +93,7 @@ class GaussianMixture:
         return x.reshape(x.shape[0], self.dim).to(torch.float64)
 
     def _log_prior(self, batch: int, label) -> torch.Tensor:
-        """(batch, K) log mixture weights, restricted to the components of ``label``."""
+        """(batch, K) log mixture weights; given ``label``, those of the class-conditional mixture."""
         lw = self.log_weights.expand(batch, -1)
         if label is None:
             return lw
@@ -108,7 +108,8 @@ class GaussianMixture:
         if bool(((lab < 0) | (lab >= self.n_classes)).any()):
             raise ValueError(f"GaussianMixture: labels must be in [0, {self.n_classes}), got {lab.unique().tolist()}")
         keep = self.labels[None, :] == lab[:, None]
-        return torch.where(keep, lw, torch.full_like(lw, -math.inf))
+        masked = torch.where(keep, lw, torch.full_like(lw, -math.inf))
+        return masked - torch.logsumexp(masked, dim=-1, keepdim=True)  # the class-conditional weights
 
     # -- the noisy marginal -------------------------------------------------
     def _posterior(self, x: torch.Tensor, alpha, sigma, label=None):
@@ -199,6 +200,18 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x = self.means[comp] + torch.einsum("nij,nj->ni", self._cov_sqrt[comp], z)
         return x, comp
+
+    def sample_marginal(self, process: Process, t, n: int, generator: torch.Generator | None = None,
+                        label=None) -> torch.Tensor:
+        """Exact samples of the noisy marginal at ``t``: ``alpha(t) x0 + sigma(t) eps`` with exact ``x0``.
+
+        Start distribution tests here rather than at the process's prior: at ``t_max``
+        the two differ whenever the schedule's terminal signal ``alpha(t_max)`` is not 0
+        (Stable Diffusion's ``scaled_linear`` keeps ``alpha = 0.068``).
+        """
+        x0, _ = self.sample(n, generator, label)
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        return float(process.alpha(t)) * x0 + abs(float(process.sigma(t))) * eps
 
     # -- reference solutions ------------------------------------------------
     def ode_reference(self, process: Process, x: torch.Tensor, t_from, t_to, *, label=None,

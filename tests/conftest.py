@@ -1,0 +1,66 @@
+"""Shared fixtures and helpers: the processes under test, the solver lists, statistical sizes."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import diffsampler as ds
+
+FULL_STATS = os.environ.get("DIFFSAMPLER_FULL_STATS") == "1"
+
+# Each process with the grid family that is natural for it (the one its users use):
+# log-SNR spacing for VP, Karras for EDM, uniform in t for flows.
+PROCESSES = {
+    "vp_scaled_linear": (ds.VP.scaled_linear, "logsnr"),
+    "vp_linear": (ds.VP.linear, "logsnr"),
+    "vp_cosine": (ds.VP.cosine, "logsnr"),
+    "edm": (ds.EDM, "karras"),
+    "flow": (ds.Flow, "uniform"),
+}
+CORE_PROCESSES = ["vp_scaled_linear", "edm", "flow"]
+
+
+def make_process(key):
+    return PROCESSES[key][0]()
+
+
+def natural_grid(key, process, steps, **kw):
+    return ds.grids.get(PROCESSES[key][1], process, steps, **kw)
+
+
+def natural_prediction(process):
+    return "velocity" if isinstance(process, ds.Flow) else "eps"
+
+
+def deterministic_solvers():
+    return [n for n in ds.solvers.names() if not ds.solvers.get(n).stochastic]
+
+
+# Every registered solver, plus the stochastic configurations of those that have one.
+SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
+    ("ddim", {"eta": 1.0}),
+    ("ddim", {"eta": 0.5}),
+    ("euler", {"s_churn": 10.0}),
+    ("heun", {"s_churn": 10.0}),
+]
+
+
+def config_id(cfg):
+    name, opts = cfg
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+def stat_size(reduced: int, full: int) -> int:
+    """Sample size of a statistical test: reduced in CI, full with DIFFSAMPLER_FULL_STATS=1."""
+    return full if FULL_STATS else reduced
+
+
+def rms(a, b):
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,30 @@
+from typer.testing import CliRunner
+
+import diffsampler as ds
+from diffsampler.cli import app
+
+runner = CliRunner()
+
+
+def test_solvers_lists_every_registered_solver():
+    result = runner.invoke(app, ["solvers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ds.solvers.names():
+        assert name in result.output
+    assert "Karras et al. 2022" in result.output
+
+
+def test_sample_writes_a_picture_and_reports(tmp_path):
+    result = runner.invoke(app, ["sample", "--testbed", "ring8", "--solver", "dpmpp_2m", "--steps", "8",
+                                 "--n", "300", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "NFE                    8" in result.output
+    assert "endpoint RMSE vs exact ODE" in result.output
+    png = tmp_path / "ring8_vp_dpmpp_2m_karras8.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_rejects_unknown_names(tmp_path):
+    result = runner.invoke(app, ["sample", "--solver", "nope", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "unknown solver 'nope'; valid: ddim, dpmpp_2m, euler, heun" in result.output

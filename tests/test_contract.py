@@ -1,0 +1,110 @@
+"""Contract tests over the whole registry: adding a solver to the registry buys all of these."""
+
+import pytest
+import torch
+
+import diffsampler as ds
+from conftest import SOLVER_CONFIGS, config_id
+
+GMM = ds.testbeds.random_mixture(2, 3, seed=3)
+
+
+def _run(cfg, x_T, process, grid, generator_seed=5, **kw):
+    name, opts = cfg
+    model = GMM.denoiser(process, "eps")
+    g = torch.Generator().manual_seed(generator_seed)
+    return ds.sample(model, x_T, grid, ds.solvers.get(name, **opts), generator=g, **kw)
+
+
+def test_every_registered_solver_is_under_test():
+    assert {name for name, _ in SOLVER_CONFIGS} == set(ds.solvers.names())
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dtype_and_shape_are_kept(cfg, dtype):
+    p = ds.VP.scaled_linear()
+    x_T = p.prior((6, 1, 2), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    out = _run(cfg, x_T, p, ds.grids.karras(p, 6))
+    assert out.dtype == dtype and out.shape == x_T.shape
+    assert bool(torch.isfinite(out.float()).all())
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_identical_output_for_a_fixed_generator(cfg):
+    p = ds.EDM()
+    x_T = p.prior((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = ds.grids.karras(p, 7)
+    a, b = _run(cfg, x_T, p, grid), _run(cfg, x_T, p, grid)
+    assert torch.equal(a, b)
+    if ds.solvers.get(cfg[0], **cfg[1]).stochastic:
+        assert not torch.equal(a, _run(cfg, x_T, p, grid, generator_seed=6))
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_a_sample_does_not_depend_on_its_batch(cfg):
+    """The first 3 samples of a batch of 9 equal a batch of those 3 alone (same generator seed)."""
+    p = ds.Flow()
+    model = GMM.denoiser(p, "velocity")
+    grid = ds.grids.uniform(p, 6)
+    solver = ds.solvers.get(cfg[0], **cfg[1])
+    outs = []
+    for n in (9, 3):
+        g = torch.Generator().manual_seed(1)
+        x_T = p.prior((n, 2), generator=g, dtype=torch.float64)
+        outs.append(ds.sample(model, x_T, grid, solver, generator=g))
+    torch.testing.assert_close(outs[0][:3], outs[1], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_solver_objects_hold_no_state_between_runs(cfg):
+    """One solver object used for two different problems in turn gives what fresh objects give."""
+    p = ds.VP.linear()
+    solver = ds.solvers.get(cfg[0], **cfg[1])
+    x1 = p.prior((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x2 = p.prior((7, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g1, g2 = ds.grids.logsnr(p, 5), ds.grids.karras(p, 9)
+    model = GMM.denoiser(p, "eps")
+    run = lambda s, x, g: ds.sample(model, x, g, s, generator=torch.Generator().manual_seed(3))
+    first, second = run(solver, x1, g1), run(solver, x2, g2)
+    torch.testing.assert_close(first, run(ds.solvers.get(cfg[0], **cfg[1]), x1, g1), rtol=0, atol=0)
+    torch.testing.assert_close(second, run(ds.solvers.get(cfg[0], **cfg[1]), x2, g2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_nfe_is_counted_and_matches_the_declared_cost(cfg):
+    p = ds.EDM()
+    model = GMM.denoiser(p, "x0")
+    x_T = p.prior((3, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = 6
+    ds.sample(model, x_T, ds.grids.karras(p, steps, end="min"), ds.solvers.get(cfg[0], **cfg[1]),
+              generator=torch.Generator().manual_seed(0))
+    assert model.nfe == steps * ds.solvers.REGISTRY[cfg[0]].nfe_per_step
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_conditioning_reaches_the_network(cfg):
+    """Conditioning keywords pass through sample() to every evaluation: a class-conditional run
+    lands in the class's component."""
+    p = ds.VP.scaled_linear()
+    gmm = ds.testbeds.ring8(radius=3.0, std=0.1)
+    x_T = p.prior((16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = ds.sample(gmm.denoiser(p, "eps"), x_T, ds.grids.karras(p, 25), ds.solvers.get(cfg[0], **cfg[1]),
+                  generator=torch.Generator().manual_seed(0), label=3)
+    assert (x - gmm.means[3]).norm(dim=1).max().item() < 1.0
+
+
+def test_callback_sees_every_step_in_order():
+    p = ds.EDM()
+    seen = []
+    x_T = p.prior((2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = ds.grids.karras(p, 5)
+    ds.sample(GMM.denoiser(p, "eps"), x_T, grid, "dpmpp_2m", callback=lambda info: seen.append(info))
+    assert [s["i"] for s in seen] == list(range(5))
+    assert [s["t"] for s in seen] == grid[:-1].tolist() and [s["t_next"] for s in seen] == grid[1:].tolist()
+
+
+def test_progress_bar_runs():
+    p = ds.EDM()
+    x_T = p.prior((2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ds.sample(GMM.denoiser(p, "eps"), x_T, ds.grids.karras(p, 3), "euler", progress=True)

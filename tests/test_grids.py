@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffsampler as ds
+from conftest import PROCESSES, make_process
+
+BUILDERS = ["uniform", "logsnr", "karras", "quadratic"]
+
+
+def _build(name, p, steps, **kw):
+    try:
+        return ds.grids.get(name, p, steps, **kw)
+    except ValueError as err:
+        # logsnr is undefined from t = 1 of a flow (lambda = -inf); that is reported, not guessed.
+        assert name == "logsnr" and "infinite" in str(err)
+        return None
+
+
+@given(key=st.sampled_from(list(PROCESSES)), name=st.sampled_from(BUILDERS),
+       steps=st.integers(1, 300), end=st.sampled_from(["zero", "min"]))
+@settings(max_examples=150, deadline=None)
+def test_grid_properties(key, name, steps, end):
+    p = make_process(key)
+    g = _build(name, p, steps, end=end)
+    if g is None:
+        return
+    assert g.dtype == torch.float64 and g.ndim == 1 and g.numel() == steps + 1
+    assert bool((g[1:] < g[:-1]).all()), g
+    assert g[0].item() == p.t_max
+    if end == "zero":
+        assert g[-1].item() == 0.0
+        assert bool((g[:-1] >= p.t_min).all())
+        if steps > 1:
+            assert g[-2].item() == p.t_min
+    else:
+        assert g[-1].item() == p.t_min
+
+
+@given(t_lo=st.floats(0.05, 0.4), t_hi=st.floats(0.5, 0.95), steps=st.integers(2, 50))
+@settings(max_examples=50, deadline=None)
+def test_spacings_are_uniform_in_their_variable(t_lo, t_hi, steps):
+    p = ds.VP.cosine()
+    g = ds.grids.logsnr(p, steps, end="min", t_min=t_lo, t_max=t_hi)
+    d = torch.diff(p.lambda_(g))
+    torch.testing.assert_close(d, d[:1].expand_as(d), rtol=1e-8, atol=1e-10)
+    g = ds.grids.karras(p, steps, rho=7.0, end="min", t_min=t_lo, t_max=t_hi)
+    d = torch.diff(p.ode_sigma(g) ** (1 / 7))
+    torch.testing.assert_close(d, d[:1].expand_as(d), rtol=1e-8, atol=1e-10)
+    g = ds.grids.quadratic(p, steps, end="min", t_min=t_lo, t_max=t_hi)
+    d = torch.diff(g.sqrt())
+    torch.testing.assert_close(d, d[:1].expand_as(d), rtol=1e-8, atol=1e-10)
+
+
+def test_karras_on_edm_matches_the_paper_formula():
+    n, rho, smin, smax = 10, 7.0, 0.002, 80.0
+    g = ds.grids.karras(ds.EDM(), n)
+    i = torch.arange(n, dtype=torch.float64)
+    expected = (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    torch.testing.assert_close(g[:-1], expected, rtol=1e-12, atol=0)
+    assert g[-1] == 0
+
+
+def test_explicit_grid_and_slicing():
+    p = ds.EDM()
+    g = ds.grids.explicit(p, [80.0, 10.0, 1.0, 0.0])
+    assert g.tolist() == [80.0, 10.0, 1.0, 0.0]
+    assert ds.grids.validate(p, g[1:]).tolist() == [10.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ([80.0, 10.0, 10.0, 0.0], r"strictly decreasing; grid\[1\] = 10.0 is followed by grid\[2\] = 10.0"),
+    ([1.0, 10.0], "strictly decreasing"),
+    ([100.0, 1.0], r"must lie in \[0.002, 80.0\]"),
+    ([10.0, 0.001], r"must lie in"),
+    ([5.0], "at least 2 times"),
+    ([[5.0, 1.0]], "1-D"),
+    ([5.0, float("nan")], "non-finite"),
+    ("abc", "grid must be"),
+])
+def test_invalid_grids_are_rejected(grid, message):
+    with pytest.raises(ValueError, match=message):
+        ds.grids.validate(ds.EDM(), grid)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_steps_must_be_a_positive_integer(steps):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        ds.grids.karras(ds.EDM(), steps)
+
+
+def test_unknown_grid_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid grids: karras, logsnr, quadratic, uniform"):
+        ds.grids.get("linear", ds.EDM(), 5)
+
+
+def test_bad_range_and_options():
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        ds.grids.uniform(ds.EDM(), 5, t_min=10.0, t_max=5.0)
+    with pytest.raises(ValueError, match="end must be one of"):
+        ds.grids.uniform(ds.EDM(), 5, end="last")
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        ds.grids.karras(ds.EDM(), 5, rho=0)
