@@ -65,13 +65,24 @@ def _broadcast(c, x: torch.Tensor):
     return float(c)
 
 
+def _coefficients(process: Process, t, prediction: str):
+    """The process values ``convert_prediction`` needs at ``t``: (alpha, sigma, d_alpha, d_sigma)."""
+    derivs = prediction == "velocity"
+    return (process.alpha(t), process.sigma(t),
+            process.d_alpha(t) if derivs else None, process.d_sigma(t) if derivs else None)
+
+
 def convert_prediction(out: torch.Tensor, x: torch.Tensor, prediction: str, process: Process,
-                       t) -> Prediction:
+                       t, coefficients=None) -> Prediction:
     """Turn a network output of type ``prediction`` at ``(x, t)`` into ``Prediction(x0, eps)``.
 
     ``t`` is a float, or a float64 tensor with one time per sample.
+    ``coefficients`` may carry ``_coefficients(process, t, prediction)`` computed earlier.
     """
-    a, s = _broadcast(process.alpha(t), x), _broadcast(process.sigma(t), x)
+    a, s, da, ds = coefficients if coefficients is not None else _coefficients(process, t, prediction)
+    if isinstance(a, float) and prediction == "eps":  # the common case, in two fused kernels
+        return Prediction(torch.add(x, out, alpha=-s).mul_(1.0 / a), out)
+    a, s = _broadcast(a, x), _broadcast(s, x)
     if prediction == "eps":
         return Prediction((x - s * out) / a, out)
     if prediction == "x0":
@@ -84,7 +95,7 @@ def convert_prediction(out: torch.Tensor, x: torch.Tensor, prediction: str, proc
         eps = out * (-s)
         return Prediction((x - s * eps) / a, eps)
     if prediction == "velocity":
-        da, ds = _broadcast(process.d_alpha(t), x), _broadcast(process.d_sigma(t), x)
+        da, ds = _broadcast(da, x), _broadcast(ds, x)
         # [x; u] = [[a, s], [a', s']] [x0; eps]
         det = a * ds - s * da
         return Prediction((ds * x - s * out) / det, (a * out - da * x) / det)
@@ -126,15 +137,26 @@ class Denoiser:
         self.time_input = time_input if time_input is not None else process.time_input
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.nfe = 0
+        self._cache: dict[float, tuple] = {}
 
     def __call__(self, x: torch.Tensor, t, **cond) -> Prediction:
         """Evaluate the network at ``(x, t)``; ``t`` is a float or one float64 time per sample."""
         time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        tin = self.time_input(t)
-        if isinstance(tin, torch.Tensor) and tin.ndim > 0:
-            tin = tin.to(device=x.device, dtype=time_dtype)
+        if isinstance(t, torch.Tensor) and t.ndim > 0:
+            coefficients = None
+            tin = self.time_input(t).to(device=x.device, dtype=time_dtype)
         else:
-            tin = torch.full((x.shape[0],), float(tin), dtype=time_dtype, device=x.device)
+            t = float(t)
+            cached = self._cache.get(t)
+            if cached is None:
+                # Solvers evaluate at the same few grid times over and over: compute the
+                # process values there once (a pure memo; it never changes a result).
+                if len(self._cache) > 4096:
+                    self._cache.clear()
+                cached = self._cache[t] = (_coefficients(self.process, t, self.prediction),
+                                           float(self.time_input(t)))
+            coefficients, tin_value = cached
+            tin = torch.full((x.shape[0],), tin_value, dtype=time_dtype, device=x.device)
         out = self.fn(x, tin, **cond)
         self.nfe += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
@@ -143,7 +165,7 @@ class Denoiser:
                              f"shape {tuple(x.shape)}; it must return a tensor of the input's shape")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        return convert_prediction(out, x, self.prediction, self.process, t)
+        return convert_prediction(out, x, self.prediction, self.process, t, coefficients)
 
     def __repr__(self) -> str:
         return f"Denoiser({self.name}, {self.process!r}, prediction={self.prediction!r})"

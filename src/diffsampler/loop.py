@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -28,7 +29,7 @@ def _all_finite(x: torch.Tensor) -> bool:
     # One reduction instead of an elementwise isfinite map: NaN and inf propagate
     # through a sum (accumulated in float32 at least, so half inputs cannot overflow it).
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(x.sum(dtype=acc)))
+    return math.isfinite(x.sum(dtype=acc).item())
 
 
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,

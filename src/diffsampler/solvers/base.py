@@ -53,15 +53,17 @@ class Knots:
 
     @classmethod
     def from_grid(cls, process: Process, grid: torch.Tensor) -> "Knots":
-        ts = [float(v) for v in grid.tolist()]
+        # One vectorised float64 evaluation per quantity, then plain floats for the steps.
+        g = grid.to(torch.float64)
+        values = lambda v: tuple(v.tolist())  # noqa: E731
         return cls(
             process=process,
-            t=tuple(ts),
-            alpha=tuple(float(process.alpha(v)) for v in ts),
-            sigma=tuple(abs(float(process.sigma(v))) for v in ts),
-            lam=tuple(float(process.lambda_(v)) for v in ts),
-            scale=tuple(float(process.ode_scale(v)) for v in ts),
-            s=tuple(abs(float(process.ode_sigma(v))) for v in ts),
+            t=values(g),
+            alpha=values(process.alpha(g)),
+            sigma=values(process.sigma(g).abs()),
+            lam=values(process.lambda_(g)),
+            scale=values(process.ode_scale(g)),
+            s=values(process.ode_sigma(g).abs()),
         )
 
     def __len__(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from .base import Knots, Solver
 from .expint import data_step
 
@@ -45,7 +47,7 @@ class DDIM(Solver):
 
     def step(self, model, x, i, state, noise):
         A, B, C = state.coef[i]
-        out = x * A + model(x, state.t[i]).x0 * B
+        out = torch.mul(x, A).add_(model(x, state.t[i]).x0, alpha=B)
         if C != 0.0:
-            out = out + noise.draw(i) * C
+            out.add_(noise.draw(i), alpha=C)
         return out, state

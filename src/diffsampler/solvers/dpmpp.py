@@ -61,7 +61,7 @@ class DPMpp2M(Solver):
     def step(self, model, x, i, state, noise):
         A, B, B_diff = state.coef[i]
         x0 = model(x, state.t[i]).x0
-        out = x * A + x0 * B
+        out = torch.mul(x, A).add_(x0, alpha=B + B_diff)
         if B_diff != 0.0:
-            out = out + (x0 - state.x0_prev) * B_diff
+            out.add_(state.x0_prev, alpha=-B_diff)
         return out, state._replace(x0_prev=x0)

@@ -111,7 +111,7 @@ class Euler(_ChurnedSolver):
         x0 = model(x, st.t_hat).x0
         # y' = y + (s' - s) (y - x0) / s, written on x = scale * y.
         ratio = st.s_next / st.s_hat
-        return x * (st.scale_next * ratio / st.scale_hat) + x0 * (st.scale_next * (1.0 - ratio)), state
+        return torch.mul(x, st.scale_next * ratio / st.scale_hat).add_(x0, alpha=st.scale_next * (1.0 - ratio)), state
 
 
 @dataclass(frozen=True)
