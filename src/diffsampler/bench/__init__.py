@@ -1,0 +1,1 @@
+"""diffsampler bench: accuracy per NFE and overhead per step, side by side with the peers."""

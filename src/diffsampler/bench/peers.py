@@ -1,0 +1,159 @@
+"""Adapters that run the peers' samplers (k-diffusion, diffusers) on a diffsampler Denoiser.
+
+They exist to compare like with like: the same model, the same start point and
+the same noise levels. Both peers are optional dependencies (``pip install
+'diffsampler[peers]'``; k-diffusion with ``--no-deps``).
+
+k-diffusion's package ``__init__`` imports its training stack (and torchvision,
+which does not load beside the CPU torch), while ``k_diffusion.sampling`` needs
+only ``utils.append_dims``. :func:`kdiffusion_sampling` registers the package by
+its spec and a one-function ``utils`` module, then imports ``sampling`` alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Callable
+
+import torch
+
+from ..denoiser import Denoiser
+from ..process import Process, VPDiscrete
+
+__all__ = ["kdiffusion_sampling", "kdiffusion_denoiser", "run_kdiffusion", "run_diffusers",
+           "diffusers_grid", "peers_available"]
+
+
+def _append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+    return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+
+def kdiffusion_sampling():
+    """``k_diffusion.sampling`` imported without the package ``__init__``."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion")
+    if "k_diffusion" not in sys.modules:
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules["k_diffusion"] = pkg
+    if "k_diffusion.utils" not in sys.modules:
+        utils = types.ModuleType("k_diffusion.utils")
+        utils.append_dims = _append_dims
+        sys.modules["k_diffusion.utils"] = utils
+        sys.modules["k_diffusion"].utils = utils
+    return importlib.import_module("k_diffusion.sampling")
+
+
+def peers_available() -> dict[str, bool]:
+    found = {}
+    try:
+        kdiffusion_sampling()
+        found["k-diffusion"] = True
+    except ImportError:
+        found["k-diffusion"] = False
+    found["diffusers"] = importlib.util.find_spec("diffusers") is not None
+    return found
+
+
+# -- k-diffusion -------------------------------------------------------------
+
+def kdiffusion_denoiser(model: Denoiser, **cond) -> Callable:
+    """``D(y, s)`` in k-diffusion's convention for ``model``, in the process's ODE coordinates.
+
+    ``y = x / ode_scale(t)`` and ``s = ode_sigma(t)`` (EDM variables for VP and
+    EDM, ``(x, t)`` for flows), so ``(y - D) / s`` is the ODE derivative k-diffusion
+    integrates.
+    """
+    p = model.process
+
+    def denoise(y, sigma):
+        t = float(p.t_of_ode_sigma(float(sigma.reshape(-1)[0])))
+        return model(y * float(p.ode_scale(t)), t, **cond).x0
+
+    return denoise
+
+
+def run_kdiffusion(name: str, model: Denoiser, x: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
+    """Run ``k_diffusion.sampling.sample_<name>`` from ``x`` at ``grid[0]`` over ``grid`` (process times)."""
+    ks = kdiffusion_sampling()
+    p = model.process
+    sigmas = torch.tensor([float(p.ode_sigma(float(t))) for t in grid], dtype=x.dtype)
+    y = x / float(p.ode_scale(float(grid[0])))
+    fn = getattr(ks, f"sample_{name}")
+    out = fn(kdiffusion_denoiser(model), y, sigmas, disable=True, **options)
+    return out * float(p.ode_scale(float(grid[-1])))
+
+
+# -- diffusers -----------------------------------------------------------------
+
+def _sigma_space(scheduler) -> bool:
+    """Schedulers of the k-diffusion family keep the sample in EDM scale (``init_noise_sigma > 1``)."""
+    return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
+
+
+def diffusers_grid(scheduler, process: VPDiscrete) -> torch.Tensor:
+    """The process times a discrete-VP scheduler visits (after ``set_timesteps``), ending where it ends."""
+    # diffusers keeps sigmas in float32: clamp the round trip into the process's range.
+    clamp = lambda t: min(max(t, process.t_min), process.t_max)  # noqa: E731
+    if _sigma_space(scheduler):
+        sig = scheduler.sigmas.to(torch.float64)
+        uniq = [float(sig[0])] + [float(b) for a, b in zip(sig[:-1], sig[1:]) if float(b) != float(a)]
+        return torch.tensor([clamp(float(process.t_of_ode_sigma(s))) if s > 0 else 0.0 for s in uniq],
+                            dtype=torch.float64)
+    steps = scheduler.timesteps.to(torch.float64)
+    uniq = [float(steps[0])] + [float(b) for a, b in zip(steps[:-1], steps[1:]) if float(b) != float(a)]
+    times = [float(process.t_of_timestep(ts)) for ts in uniq]
+    sigmas = getattr(scheduler, "sigmas", None)
+    final_zero = (float(sigmas[-1]) == 0.0) if sigmas is not None else bool(
+        getattr(scheduler.config, "set_alpha_to_one", True))
+    if final_zero:
+        times.append(0.0)
+    elif sigmas is not None:
+        times.append(clamp(float(process.t_of_ode_sigma(float(sigmas[-1])))))
+    return torch.tensor(times, dtype=torch.float64)
+
+
+def run_diffusers(scheduler, model: Denoiser, x: torch.Tensor, steps: int, generator=None, **cond) -> torch.Tensor:
+    """Run a diffusers scheduler's own loop for a discrete-VP eps model, from ``x`` at the scheduler's first time.
+
+    ``x`` is in the process's scale (variance ~1); schedulers of the
+    k-diffusion family get it in their EDM scale. The model is evaluated at the
+    noise level the scheduler itself assumes: for schedulers in EDM scale the one
+    implied by ``scale_model_input``, for the others the timestep's training node.
+    """
+    p = model.process
+    if not isinstance(p, VPDiscrete):
+        raise TypeError("run_diffusers: only discrete VP processes are adapted")
+    scheduler.set_timesteps(steps)
+    sigma_space = _sigma_space(scheduler)
+    t0 = float(diffusers_grid(scheduler, p)[0])
+    sample = x / float(p.alpha(t0)) if sigma_space else x
+    kwargs = {"generator": generator} if generator is not None else {}
+    for ts in scheduler.timesteps:
+        if sigma_space:
+            inp = scheduler.scale_model_input(sample, ts)
+            alpha = float(scheduler.scale_model_input(torch.ones(1, dtype=sample.dtype), ts)[0])
+            t = float(p.t_of_lambda(_lambda_of_alpha(alpha)))
+        else:
+            inp = sample
+            t = float(p.t_of_timestep(float(ts)))
+        eps = model(inp, t, **cond).eps
+        sample = scheduler.step(eps, ts, sample, **kwargs).prev_sample
+    return sample
+
+
+def _lambda_of_alpha(alpha: float) -> float:
+    import math
+    return math.log(alpha) - 0.5 * math.log1p(-alpha * alpha)
+
+
+def vp_process_of(scheduler) -> VPDiscrete:
+    """The discrete VP process of a diffusers scheduler, from its own (float32) ``alphas_cumprod``."""
+    return VPDiscrete(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64), name="diffusers")
