@@ -123,6 +123,16 @@ def _scatter(gmm, x: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A reduced run (under 2 minutes)."),
+    out: Path = typer.Option(Path("."), help="Where BENCHMARKS.md and benchmarks/ are written."),
+) -> None:
+    """Accuracy per NFE and overhead per step against diffusers and k-diffusion; writes BENCHMARKS.md."""
+    from .bench import run
+    run(quick=quick, root=out, log=console.print)
+
+
 def main() -> None:
     app()
 

@@ -137,26 +137,31 @@ class Denoiser:
         self.time_input = time_input if time_input is not None else process.time_input
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.nfe = 0
-        self._cache: dict[float, tuple] = {}
+        self._cache: dict[tuple, tuple] = {}
 
     def __call__(self, x: torch.Tensor, t, **cond) -> Prediction:
-        """Evaluate the network at ``(x, t)``; ``t`` is a float or one float64 time per sample."""
+        """Evaluate the network at ``(x, t)``; ``t`` is a float or one float64 time per sample.
+
+        The time tensor handed to the network is shared between calls at the same
+        time and batch shape: networks must treat their inputs as read-only.
+        """
         time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if isinstance(t, torch.Tensor) and t.ndim > 0:
             coefficients = None
             tin = self.time_input(t).to(device=x.device, dtype=time_dtype)
         else:
             t = float(t)
-            cached = self._cache.get(t)
+            key = (t, x.shape[0], time_dtype, x.device)
+            cached = self._cache.get(key)
             if cached is None:
                 # Solvers evaluate at the same few grid times over and over: compute the
-                # process values there once (a pure memo; it never changes a result).
+                # process values and the time tensor there once (a pure memo).
                 if len(self._cache) > 4096:
                     self._cache.clear()
-                cached = self._cache[t] = (_coefficients(self.process, t, self.prediction),
-                                           float(self.time_input(t)))
-            coefficients, tin_value = cached
-            tin = torch.full((x.shape[0],), tin_value, dtype=time_dtype, device=x.device)
+                coefficients = _coefficients(self.process, t, self.prediction)
+                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=time_dtype, device=x.device)
+                cached = self._cache[key] = (coefficients, tin)
+            coefficients, tin = cached
         out = self.fn(x, tin, **cond)
         self.nfe += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:

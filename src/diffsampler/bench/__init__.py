@@ -1,1 +1,38 @@
-"""diffsampler bench: accuracy per NFE and overhead per step, side by side with the peers."""
+"""diffsampler bench: accuracy per NFE against exact references and the sampler's own cost per
+step, side by side with diffusers and k-diffusion, written to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["run"]
+
+
+def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
+        log: Callable[[str], None] = print) -> Path:
+    """Run the benchmark and write ``BENCHMARKS.md``, ``benchmarks/*.png`` and ``benchmarks/results.json``."""
+    import torch
+    from diffusers.utils import logging as dlogging
+
+    from .accuracy import run_accuracy
+    from .overhead import run_overhead
+    from .report import write_report
+
+    dlogging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    results = run_accuracy(quick=quick, n=64 if quick else 256, log=log)
+    timings = run_overhead(quick=quick, log=log)
+    command = "diffsampler bench" + (" --quick" if quick else "")
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
+    path = write_report(results, timings, Path(root), command, machine)
+    log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def _cores() -> int:
+    import os
+    return os.cpu_count() or 1

@@ -157,3 +157,23 @@ def _lambda_of_alpha(alpha: float) -> float:
 def vp_process_of(scheduler) -> VPDiscrete:
     """The discrete VP process of a diffusers scheduler, from its own (float32) ``alphas_cumprod``."""
     return VPDiscrete(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64), name="diffusers")
+
+
+def run_diffusers_flow(scheduler, model: Denoiser, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run a diffusers flow-matching scheduler's loop on a Flow Denoiser (velocity at ``t = sigma``)."""
+    p = model.process
+    scheduler.set_timesteps(steps)
+    sample = x
+    for k, ts in enumerate(scheduler.timesteps):
+        t = min(max(float(scheduler.sigmas[k]), p.t_min), p.t_max)
+        velocity = model(sample, t).velocity(p, t)
+        sample = scheduler.step(velocity, ts, sample).prev_sample
+    return sample
+
+
+def diffusers_flow_grid(scheduler, process: Process) -> torch.Tensor:
+    """The distinct times a flow scheduler visits (after ``set_timesteps``)."""
+    sig = scheduler.sigmas.to(torch.float64).tolist()
+    uniq = [sig[0]] + [b for a, b in zip(sig[:-1], sig[1:]) if b != a]
+    return torch.tensor([min(max(s, process.t_min), process.t_max) if s > 0 else 0.0 for s in uniq],
+                        dtype=torch.float64)

@@ -130,11 +130,17 @@ class Heun(_ChurnedSolver):
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
-        y = x / st.scale_hat
-        d1 = (y - model(x, st.t_hat).x0) / st.s_hat
-        dt = st.s_next - st.s_hat
-        y_euler = y + d1 * dt
+        x0 = model(x, st.t_hat).x0
+        # The Euler predictor, then the trapezoidal corrector, both written on x:
+        # with y = x / scale and d = (y - x0) / s, y' = y + (s' - s)(d1 + d2) / 2.
+        ratio = st.s_next / st.s_hat
+        x_euler = torch.mul(x, st.scale_next * ratio / st.scale_hat).add_(x0, alpha=st.scale_next * (1.0 - ratio))
         if st.s_next == 0.0:
-            return y_euler * st.scale_next, state
-        d2 = (y_euler - model(y_euler * st.scale_next, st.t_next).x0) / st.s_next
-        return (y + (d1 + d2) * (0.5 * dt)) * st.scale_next, state
+            return x_euler, state
+        x0_next = model(x_euler, st.t_next).x0
+        half = 0.5 * (st.s_next - st.s_hat)
+        out = torch.mul(x, st.scale_next / st.scale_hat * (1.0 + half / st.s_hat))
+        out.add_(x0, alpha=-st.scale_next * half / st.s_hat)
+        out.add_(x_euler, alpha=half / st.s_next)
+        out.add_(x0_next, alpha=-st.scale_next * half / st.s_next)
+        return out, state

@@ -1,0 +1,236 @@
+"""Accuracy per NFE: endpoint error against the exact probability-flow ODE, ours and the peers'.
+
+Every configuration (a solver with its options and a grid) is run from the same
+start points ``x_T`` on the same exact Gaussian-mixture model, and its final
+sample is compared with ``ode_reference`` from the configuration's own first
+time to its own last time (a peer whose grid starts below ``t_max`` is judged on
+the ODE it actually solves). NFE is what the Denoiser counted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import grids as _grids
+from .. import solvers as _solvers
+from ..loop import sample
+from ..process import EDM, Flow, Process, VPDiscrete
+from ..testbeds import GaussianMixture, get as get_testbed
+from . import peers
+
+__all__ = ["Problem", "Result", "problems", "run_accuracy", "NFES", "QUICK_NFES"]
+
+NFES = [3, 4, 5, 6, 8, 10, 15, 20, 50]
+QUICK_NFES = [5, 10, 20]
+OUR_GRIDS = ["uniform", "logsnr", "karras", "quadratic"]
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@dataclass
+class Problem:
+    testbed: str
+    process_name: str
+    gmm: GaussianMixture
+    process: Process
+    prediction: str
+    x_T: torch.Tensor
+    diffusers_config: dict | None  # beta schedule for diffusers' discrete schedulers, None if not VP
+
+
+@dataclass
+class Result:
+    testbed: str
+    process: str
+    family: str      # "diffsampler", "diffusers" or "k-diffusion"
+    config: str      # solver + options + grid
+    target_nfe: int
+    nfe: int
+    rmse: float
+
+
+def _vp(schedule: str) -> tuple[VPDiscrete, dict]:
+    from diffusers import DDIMScheduler
+    cfg = dict(SD_BETAS) if schedule == "scaled_linear" else {"beta_schedule": "squaredcos_cap_v2"}
+    # The process is built from diffusers' own float32 schedule so that every library sees one model.
+    return peers.vp_process_of(DDIMScheduler(**cfg)), cfg
+
+
+def problems(quick: bool, n: int) -> list[Problem]:
+    testbeds = ["ring8"] if quick else ["ring8", "gmm16", "gmm64"]
+    names = ["vp_scaled_linear", "flow"] if quick else ["vp_scaled_linear", "vp_cosine", "edm", "flow"]
+    out = []
+    for tb in testbeds:
+        gmm = get_testbed(tb)
+        for name in names:
+            cfg = None
+            if name == "vp_scaled_linear":
+                proc, cfg = _vp("scaled_linear")
+            elif name == "vp_cosine":
+                proc, cfg = _vp("squaredcos_cap_v2")
+            elif name == "edm":
+                proc = EDM()
+            else:
+                proc = Flow()
+            g = torch.Generator().manual_seed(0)
+            x_T = proc.prior((n, gmm.dim), generator=g, dtype=torch.float64)
+            out.append(Problem(tb, name, gmm, proc, "velocity" if isinstance(proc, Flow) else "eps", x_T, cfg))
+    return out
+
+
+class _References:
+    """Exact endpoints, cached by (first time, last time) of a grid."""
+
+    def __init__(self, problem: Problem):
+        self.p, self.cache = problem, {}
+
+    def error(self, x: torch.Tensor, grid: torch.Tensor) -> float:
+        key = (round(float(grid[0]), 12), round(float(grid[-1]), 12))
+        if key not in self.cache:
+            self.cache[key] = self.p.gmm.ode_reference(self.p.process, self.p.x_T, key[0], key[1])
+        return (x - self.cache[key]).pow(2).mean().sqrt().item()
+
+
+def _our_configs(process: Process):
+    for name in _solvers.names():
+        cls = _solvers.REGISTRY[name]
+        if cls().stochastic:
+            continue
+        for grid in OUR_GRIDS:
+            yield name, cls, grid
+
+
+def _our_steps(cls, nfe: int) -> int:
+    # A final step into t = 0 of a 2-NFE solver costs one evaluation (it is an Euler step).
+    return max(1, (nfe + cls.nfe_per_step - 1) // cls.nfe_per_step) if cls.nfe_per_step > 1 else nfe
+
+
+def _diffusers_configs(problem: Problem) -> list[tuple[str, str, dict]]:
+    if problem.diffusers_config is None:
+        if isinstance(problem.process, Flow):
+            return [("FlowMatchEulerDiscreteScheduler", "flow euler", {}),
+                    ("FlowMatchHeunDiscreteScheduler", "flow heun", {})]
+        return []
+    return [
+        ("DDIMScheduler", "ddim (defaults, clip off)", {"clip_sample": False}),
+        ("DDIMScheduler", "ddim trailing", {"clip_sample": False, "timestep_spacing": "trailing"}),
+        ("EulerDiscreteScheduler", "euler", {}),
+        ("EulerDiscreteScheduler", "euler karras", {"use_karras_sigmas": True}),
+        ("HeunDiscreteScheduler", "heun", {}),
+        ("HeunDiscreteScheduler", "heun karras", {"use_karras_sigmas": True}),
+        ("LMSDiscreteScheduler", "lms", {}),
+        ("LMSDiscreteScheduler", "lms karras", {"use_karras_sigmas": True}),
+        ("KDPM2DiscreteScheduler", "kdpm2", {}),
+        ("DPMSolverMultistepScheduler", "dpm++ 2M", {}),
+        ("DPMSolverMultistepScheduler", "dpm++ 2M karras", {"use_karras_sigmas": True}),
+        ("DPMSolverMultistepScheduler", "dpm++ 3M", {"solver_order": 3}),
+        ("DPMSolverMultistepScheduler", "dpm++ 2M lu", {"use_lu_lambdas": True}),
+        ("DPMSolverSinglestepScheduler", "dpm++ 2S", {}),
+        ("DPMSolverSinglestepScheduler", "dpm++ 3S", {"solver_order": 3}),
+        ("UniPCMultistepScheduler", "unipc bh2", {}),
+        ("UniPCMultistepScheduler", "unipc bh1 order 3", {"solver_type": "bh1", "solver_order": 3}),
+        ("UniPCMultistepScheduler", "unipc bh2 karras", {"use_karras_sigmas": True}),
+        ("DEISMultistepScheduler", "deis", {}),
+        ("DEISMultistepScheduler", "deis order 3", {"solver_order": 3}),
+        ("PNDMScheduler", "pndm", {"skip_prk_steps": True}),
+    ]
+
+
+def _diffusers_steps(make: Callable, nfe: int) -> int | None:
+    """The most steps whose NFE (timesteps visited) stays within ``nfe``."""
+    best = None
+    for steps in range(1, nfe + 1):
+        try:
+            sched = make()
+            sched.set_timesteps(steps)
+        except Exception:  # noqa: BLE001 - some schedulers reject small step counts
+            continue
+        if len(sched.timesteps) <= nfe:
+            best = steps
+    return best
+
+
+KD_SAMPLERS = [("euler", 1), ("heun", 2), ("dpm_2", 2), ("lms", 1), ("dpmpp_2m", 1)]
+
+
+def run_accuracy(quick: bool = False, n: int = 256, log: Callable[[str], None] = print) -> list[Result]:
+    import diffusers
+
+    nfes = QUICK_NFES if quick else NFES
+    results: list[Result] = []
+    warnings.filterwarnings("ignore", module="diffusers")
+    for prob in problems(quick, n):
+        refs = _References(prob)
+        model = prob.gmm.denoiser(prob.process, prob.prediction)
+        log(f"accuracy: {prob.testbed} / {prob.process_name}")
+
+        def record(family, config, target, x, grid, nfe):
+            results.append(Result(prob.testbed, prob.process_name, family, config, target, nfe,
+                                  refs.error(x, grid)))
+
+        for target in nfes:
+            for name, cls, grid_name in _our_configs(prob.process):
+                try:
+                    grid = _grids.get(grid_name, prob.process, _our_steps(cls, target))
+                except ValueError:
+                    continue  # e.g. log-SNR spacing from t = 1 of a flow
+                model.nfe = 0
+                x = sample(model, prob.x_T, grid, cls())
+                record("diffsampler", f"{name} {grid_name}", target, x, grid, model.nfe)
+
+            for cls_name, label, opts in _diffusers_configs(prob):
+                make = lambda: getattr(diffusers, cls_name)(**(prob.diffusers_config or {}), **opts)  # noqa: E731
+                steps = _diffusers_steps(make, target)
+                if steps is None:
+                    continue
+                sched = make()
+                model.nfe = 0
+                try:
+                    if isinstance(prob.process, Flow):
+                        x = peers.run_diffusers_flow(sched, model, prob.x_T, steps)
+                        grid = peers.diffusers_flow_grid(sched, prob.process)
+                    else:
+                        x = peers.run_diffusers(sched, model, prob.x_T, steps)
+                        grid = peers.diffusers_grid(sched, prob.process)
+                except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
+                    log(f"  diffusers {label} at {steps} steps failed: {type(err).__name__}: {err}")
+                    continue
+                if not math.isfinite(float(x.sum())):
+                    continue
+                record("diffusers", label, target, x, grid, model.nfe)
+
+            for kd_name, per_step in KD_SAMPLERS:
+                steps = max(1, (target + 1) // 2) if per_step == 2 else target
+                for grid_name in ("karras", "exponential"):
+                    grid = _kdiffusion_grid(prob.process, grid_name, steps)
+                    if grid is None:
+                        continue
+                    model.nfe = 0
+                    try:
+                        x = peers.run_kdiffusion(kd_name, model, prob.x_T, grid)
+                    except Exception as err:  # noqa: BLE001
+                        log(f"  k-diffusion {kd_name} failed: {type(err).__name__}: {err}")
+                        continue
+                    record("k-diffusion", f"{kd_name} {grid_name}", target, x, grid, model.nfe)
+    return results
+
+
+def _kdiffusion_grid(process: Process, kind: str, steps: int) -> torch.Tensor | None:
+    """k-diffusion's own sigma schedules (with the trailing 0), as process times."""
+    ks = peers.kdiffusion_sampling()
+    s_max, s_min = float(process.ode_sigma(process.t_max)), float(process.ode_sigma(process.t_min))
+    if kind == "karras":
+        sigmas = ks.get_sigmas_karras(steps, s_min, s_max, device="cpu").to(torch.float64)
+    else:
+        sigmas = ks.get_sigmas_exponential(steps, s_min, s_max, device="cpu").to(torch.float64)
+    times = [min(max(float(process.t_of_ode_sigma(float(s))), process.t_min), process.t_max)
+             for s in sigmas[:-1]] + [0.0]
+    times[0] = process.t_max
+    try:
+        return _grids.validate(process, times)
+    except ValueError:
+        return None

@@ -1,0 +1,131 @@
+"""The sampler's own cost per step, ours and the peers', measured in one process.
+
+Every library drives the same nearly free model (the exact eps of standard
+normal data under VP: ``x0 = alpha x``, written as the k-diffusion denoiser
+``D(y, s) = y / (1 + s^2)`` for k-diffusion and as ``eps = sigma x`` for the
+others, with sigma read from a table). Timings are medians over repeats of a
+whole 50-step run divided by the steps; the model's own cost, timed alone the
+same way, is subtracted to leave the sampler's own work per step.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import grids as _grids
+from ..denoiser import Denoiser
+from ..loop import sample
+from . import peers
+
+__all__ = ["Timing", "run_overhead", "SHAPES", "SHARED"]
+
+SHAPES = [(1024, 2), (4, 3, 32, 32), (1, 4, 128, 128)]
+STEPS = 50
+# Our solver -> (diffusers scheduler and config, k-diffusion sampler); None where a peer lacks it.
+SHARED = {
+    "euler": (("EulerDiscreteScheduler", {}), "euler"),
+    "heun": (("HeunDiscreteScheduler", {}), "heun"),
+    "ddim": (("DDIMScheduler", {"clip_sample": False}), None),
+    "dpmpp_2m": (("DPMSolverMultistepScheduler", {}), "dpmpp_2m"),
+}
+
+
+@dataclass
+class Timing:
+    shape: tuple
+    solver: str
+    library: str
+    total_us: float      # per step, model included
+    model_us: float      # the model's own cost per step
+    own_us: float        # total - model
+
+
+def _median_per_step(run: Callable[[], None], repeats: int, steps: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / steps * 1e6
+
+
+def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> list[Timing]:
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    warnings.filterwarnings("ignore", module="diffusers")
+    ks = peers.kdiffusion_sampling()
+    repeats = 3 if quick else 15
+    shapes = SHAPES[:1] if quick else SHAPES
+    base = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    process = peers.vp_process_of(base)
+    sigma_of_timestep = torch.sqrt(1 - base.alphas_cumprod.to(torch.float32))
+    out: list[Timing] = []
+
+    for shape in shapes:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        log(f"overhead: shape {shape}")
+
+        def eps_net(xx, timestep):
+            # timestep is a (batch,) tensor; standard-normal data has eps = sigma x exactly.
+            return xx * sigma_of_timestep[int(timestep[0].round())]
+
+        ours_model = Denoiser(eps_net, process, "eps")
+        kd_model = lambda y, s: y / (1 + s[0] * s[0])  # noqa: E731
+
+        for solver, ((sched_name, sched_cfg), kd_name) in SHARED.items():
+            n_evals = 2 * STEPS - 1 if solver == "heun" else STEPS
+            grid = _grids.get("uniform", process, STEPS)
+
+            # model alone, called as each library calls it
+            ts = torch.full((shape[0],), 500.0)
+            model_only = _median_per_step(lambda: [eps_net(x, ts) for _ in range(n_evals)], repeats, STEPS)
+            kd_model_only = _median_per_step(
+                lambda: [kd_model(x, torch.full((shape[0],), 1.5)) for _ in range(n_evals)], repeats, STEPS)
+
+            total = _median_per_step(lambda: sample(ours_model, x, grid, solver), repeats, STEPS)
+            out.append(Timing(shape, solver, "diffsampler", total, model_only, total - model_only))
+
+            sched = getattr(diffusers, sched_name)(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                      "beta_end": 0.012}, **sched_cfg)
+
+            def run_diffusers():
+                sched.set_timesteps(STEPS)
+                sample_ = x * sched.init_noise_sigma
+                for t in sched.timesteps:
+                    inp = sched.scale_model_input(sample_, t)
+                    sample_ = sched.step(eps_net(inp, t.reshape(1).expand(shape[0])), t, sample_).prev_sample
+
+            total = _median_per_step(run_diffusers, repeats, STEPS)
+            out.append(Timing(shape, solver, "diffusers", total, model_only, total - model_only))
+
+            if kd_name is not None:
+                sigmas = ks.get_sigmas_karras(STEPS, 0.03, 14.6, device="cpu")
+                fn = getattr(ks, f"sample_{kd_name}")
+                total = _median_per_step(lambda: fn(kd_model, x * 14.6, sigmas, disable=True), repeats, STEPS)
+                out.append(Timing(shape, solver, "k-diffusion", total, kd_model_only, total - kd_model_only))
+    return out
+
+
+def ratio_rows(timings: list[Timing]) -> list[dict]:
+    """One row per (shape, solver): our own cost and its ratio to each peer's own cost."""
+    rows = []
+    keys = sorted({(t.shape, t.solver) for t in timings}, key=lambda k: (math.prod(k[0]), k[1]))
+    for shape, solver in keys:
+        by_lib = {t.library: t for t in timings if t.shape == shape and t.solver == solver}
+        ours = by_lib["diffsampler"].own_us
+        row = {"shape": shape, "solver": solver, "diffsampler_us": ours}
+        for lib in ("diffusers", "k-diffusion"):
+            if lib in by_lib:
+                row[f"{lib}_us"] = by_lib[lib].own_us
+                row[f"ratio_{lib}"] = ours / by_lib[lib].own_us if by_lib[lib].own_us > 0 else float("nan")
+        rows.append(row)
+    return rows

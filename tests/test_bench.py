@@ -1,0 +1,28 @@
+"""`diffsampler bench --quick` runs end to end and writes what it promises."""
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+
+def test_quick_bench_writes_the_report(tmp_path):
+    from diffsampler.bench import run
+    from diffsampler.bench.report import best_per_nfe
+
+    path = run(quick=True, root=tmp_path, log=lambda s: None)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks") and "diffsampler bench --quick" in text
+    data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    families = {r["family"] for r in data["accuracy"]}
+    assert families == {"diffsampler", "diffusers", "k-diffusion"}
+    # NFE is what the Denoiser counted, never more than the budget.
+    assert all(r["nfe"] <= r["target_nfe"] for r in data["accuracy"])
+    for row in data["best_per_nfe"]:
+        assert row["ours_rmse"] > 0 and "ratio" in row
+    assert {r["library"] for r in data["overhead"]} == {"diffsampler", "diffusers", "k-diffusion"}
+    for name in ("overhead.png", "accuracy_ring8_vp_scaled_linear.png", "accuracy_ring8_flow.png"):
+        assert (tmp_path / "benchmarks" / name).read_bytes()[:4] == b"\x89PNG"
+    # the summary is recomputed from the raw numbers, not copied
+    assert best_per_nfe.__name__ and len(data["best_per_nfe"]) == 6
