@@ -23,7 +23,7 @@ from ..process import EDM, Flow, Process, VPDiscrete
 from ..testbeds import GaussianMixture, get as get_testbed
 from . import peers
 
-__all__ = ["Problem", "Result", "problems", "run_accuracy", "NFES", "QUICK_NFES"]
+__all__ = ["Problem", "Result", "Failure", "problems", "run_accuracy", "NFES", "QUICK_NFES"]
 
 NFES = [3, 4, 5, 6, 8, 10, 15, 20, 50]
 QUICK_NFES = [5, 10, 20]
@@ -40,6 +40,16 @@ class Problem:
     prediction: str
     x_T: torch.Tensor
     diffusers_config: dict | None  # beta schedule for diffusers' discrete schedulers, None if not VP
+
+
+@dataclass
+class Failure:
+    testbed: str
+    process: str
+    family: str
+    config: str
+    steps: int
+    error: str
 
 
 @dataclass
@@ -157,11 +167,14 @@ def _diffusers_steps(make: Callable, nfe: int) -> int | None:
 KD_SAMPLERS = [("euler", 1), ("heun", 2), ("dpm_2", 2), ("lms", 1), ("dpmpp_2m", 1)]
 
 
-def run_accuracy(quick: bool = False, n: int = 256, log: Callable[[str], None] = print) -> list[Result]:
+def run_accuracy(quick: bool = False, n: int = 256,
+                 log: Callable[[str], None] = print) -> tuple[list[Result], list[Failure]]:
+    """All configurations at every NFE budget; a peer that raises or returns non-finite values is a Failure."""
     import diffusers
 
     nfes = QUICK_NFES if quick else NFES
     results: list[Result] = []
+    failures: list[Failure] = []
     warnings.filterwarnings("ignore", module="diffusers")
     for prob in problems(quick, n):
         refs = _References(prob)
@@ -197,9 +210,12 @@ def run_accuracy(quick: bool = False, n: int = 256, log: Callable[[str], None] =
                         x = peers.run_diffusers(sched, model, prob.x_T, steps)
                         grid = peers.diffusers_grid(sched, prob.process)
                 except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
-                    log(f"  diffusers {label} at {steps} steps failed: {type(err).__name__}: {err}")
+                    failures.append(Failure(prob.testbed, prob.process_name, "diffusers", label, steps,
+                                            f"{type(err).__name__}: {err}"))
                     continue
                 if not math.isfinite(float(x.sum())):
+                    failures.append(Failure(prob.testbed, prob.process_name, "diffusers", label, steps,
+                                            "non-finite output"))
                     continue
                 record("diffusers", label, target, x, grid, model.nfe)
 
@@ -213,10 +229,11 @@ def run_accuracy(quick: bool = False, n: int = 256, log: Callable[[str], None] =
                     try:
                         x = peers.run_kdiffusion(kd_name, model, prob.x_T, grid)
                     except Exception as err:  # noqa: BLE001
-                        log(f"  k-diffusion {kd_name} failed: {type(err).__name__}: {err}")
+                        failures.append(Failure(prob.testbed, prob.process_name, "k-diffusion",
+                                                f"{kd_name} {grid_name}", steps, f"{type(err).__name__}: {err}"))
                         continue
                     record("k-diffusion", f"{kd_name} {grid_name}", target, x, grid, model.nfe)
-    return results
+    return results, failures
 
 
 def _kdiffusion_grid(process: Process, kind: str, steps: int) -> torch.Tensor | None:

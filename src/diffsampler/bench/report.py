@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .accuracy import Result
+from .accuracy import Failure, Result
 from .overhead import Timing, ratio_rows
 
 __all__ = ["best_per_nfe", "write_report"]
@@ -111,7 +111,7 @@ def _plot_overhead(timings: list[Timing], out: Path) -> str:
     return name
 
 
-def write_report(results: list[Result], timings: list[Timing], root: Path, command: str, machine: str) -> Path:
+def write_report(results: list[Result], failures: list[Failure], timings: list[Timing], root: Path, command: str, machine: str) -> Path:
     assets = root / "benchmarks"
     assets.mkdir(parents=True, exist_ok=True)
     best = best_per_nfe(results)
@@ -121,6 +121,7 @@ def write_report(results: list[Result], timings: list[Timing], root: Path, comma
         "command": command, "machine": machine, "versions": versions,
         "accuracy": [dataclasses.asdict(r) for r in results],
         "best_per_nfe": best,
+        "peer_failures": [dataclasses.asdict(f) for f in failures],
         "overhead": [dataclasses.asdict(t) for t in timings],
         "overhead_ratios": ratios,
     }, indent=1, default=list))
@@ -152,6 +153,14 @@ def write_report(results: list[Result], timings: list[Timing], root: Path, comma
                 if "peer" in r else "- | - | -")
         lines.append(f"| {r['testbed']} | {r['process']} | {r['nfe']} | {r['ours']} (NFE {r['ours_nfe']}) | "
                      f"{r['ours_rmse']:.2e} | {peer} |")
+    if failures:
+        lines += ["", "Peer configurations that raised or returned non-finite values (step counts tried):", ""]
+        grouped = defaultdict(set)
+        for f in failures:
+            grouped[(f.family, f.config, f.error.split(":")[0])].add((f.testbed, f.process, f.steps))
+        for (fam, cfg, err), where in sorted(grouped.items()):
+            steps = sorted({w[2] for w in where})
+            lines.append(f"* {fam} {cfg}: {err} at {len(where)} runs (steps {', '.join(map(str, steps))})")
     lines += ["", "Error against NFE, best grid per solver (solid: diffsampler, dotted: peers):", ""]
     lines += [f"![{f}](benchmarks/{f})" for f in acc_plots]
     lines += [
