@@ -7,11 +7,25 @@ import pytest
 import torch
 
 import diffsampler as ds
-from conftest import PROCESSES, deterministic_solvers, make_process, natural_grid, natural_prediction, rms
+from conftest import PROCESSES, deterministic_solvers, natural_prediction, rms
 
 STEPS = [16, 32, 64, 128]
 MIXTURE = ds.testbeds.random_mixture(2, 3, seed=1)
 GAUSSIAN = ds.testbeds.Gaussian([0.3, -0.5], [[0.5, 0.2], [0.2, 0.3]])
+
+
+# Flows are tested from t = 0.99 on a log-SNR grid here. From t = 1 (alpha = 0) on the usual grid
+# uniform in t, the first steps are O(1) long in log-SNR whatever the step count, which caps every
+# log-SNR integrator at second order there: test_flow_from_t1_on_uniform_grids pins that down.
+CONVERGENCE_PROCESSES = {**PROCESSES, "flow": (lambda: ds.Flow(t_max=0.99), "logsnr")}
+
+
+def make_process(key):  # noqa: F811 - the convergence tests' own flow
+    return CONVERGENCE_PROCESSES[key][0]()
+
+
+def natural_grid(key, process, steps, **kw):  # noqa: F811
+    return ds.grids.get(CONVERGENCE_PROCESSES[key][1], process, steps, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,9 +53,50 @@ def measured_order(key, testbed, solver_name):
 @pytest.mark.parametrize("testbed", ["mixture", "gaussian"])
 @pytest.mark.parametrize("key", list(PROCESSES))
 def test_empirical_convergence_order(key, testbed, solver_name):
+    solver = ds.solvers.get(solver_name)
+    if solver.global_order != solver.order and testbed == "gaussian":
+        pytest.skip("warm-up-capped solvers converge at up to order 4 on a single Gaussian in this range "
+                    "(measured 3.97 for dpmpp_3m on VP linear) before settling at their global order; "
+                    "the mixture and the step-exactness test pin them down")
     order, errors = measured_order(key, testbed, solver_name)
-    declared = ds.solvers.get(solver_name).order
-    assert abs(order - declared) < 0.3, f"measured order {order:.2f}, declared {declared}; errors {errors}"
+    # Within 0.3 of the declared order; a solver whose warm-up caps the run declares both
+    # the order of its steps and the (lower) global order, and must land between them.
+    lo, hi = solver.global_order - 0.3, solver.order + 0.3
+    assert lo < order < hi, f"measured order {order:.2f}, declared {solver.global_order}..{solver.order}; {errors}"
+
+
+@pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
+def test_dpmpp_3m_steps_are_third_order(legacy, exact):
+    """A third-order step is exact when the data estimate is quadratic in log-SNR. Ours is; the weight
+    shipped by the DPM-Solver++ reference code, k-diffusion and diffusers (legacy_third_order) is not."""
+    import math
+    from scipy.integrate import quad
+    from diffsampler.solvers.expint import dpmpp_weights
+
+    p = ds.VP.linear()
+    lams = [-1.0, -0.6, -0.3, -0.1]
+    knots = ds.solvers.Knots.from_grid(p, p.t_of_lambda(torch.tensor(lams, dtype=torch.float64)))
+    m = lambda lam: 0.2 - 0.3 * lam + 0.7 * lam * lam  # noqa: E731
+    A, P, _ = dpmpp_weights(knots, 2, 3, legacy_third_order=legacy)
+    x = 0.4
+    got = A * x + sum(w * m(lam) for w, lam in zip(P, lams[2::-1]))
+    s0, s1 = knots.sigma[2], knots.sigma[3]
+    want = s1 / s0 * x + s1 * quad(lambda lam: math.exp(lam) * m(lam), lams[2], lams[3], epsabs=1e-14)[0]
+    assert (abs(got - want) < 1e-12) == exact
+
+
+@pytest.mark.parametrize("solver_name", deterministic_solvers())
+def test_flow_from_t1_on_uniform_grids(solver_name):
+    """From t = 1 on a grid uniform in t, every solver converges, at its order but at most second."""
+    p = ds.Flow()
+    x_T = p.prior((32, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    model = MIXTURE.denoiser(p, "velocity")
+    g = ds.grids.uniform(p, 8, end="min")
+    ref = MIXTURE.ode_reference(p, x_T, g[0], g[-1])
+    errors = [rms(ds.sample(model, x_T, ds.grids.uniform(p, n, end="min"), solver_name), ref) for n in STEPS]
+    slope = -np.polyfit(np.log(STEPS), np.log(errors), 1)[0]
+    expected = min(ds.solvers.get(solver_name).global_order, 2)
+    assert slope > expected - 0.3, (slope, errors)
 
 
 def _point_mass():

@@ -75,6 +75,54 @@ def test_kdiffusion_dpmpp_2m_on_flows_uses_another_time_variable():
         assert abs(-np.polyfit(np.log(steps), np.log(e), 1)[0] - 2) < 0.3, (name, e)
 
 
+STOCHASTIC_KD = [
+    ("euler_ancestral", {}, ds.solvers.EulerAncestral()),
+    ("euler_ancestral", {"eta": 0.5}, ds.solvers.EulerAncestral(eta=0.5)),
+    ("dpmpp_2m_sde", {}, ds.solvers.DPMpp2MSDE(lower_order_final=False)),
+    ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}, ds.solvers.DPMpp2MSDE(
+        eta=0.7, solver_type="heun", lower_order_final=False)),
+    ("dpmpp_3m_sde", {}, ds.solvers.DPMpp3MSDE(lower_order_final=False, legacy_third_order=True)),
+    ("dpmpp_3m_sde", {"eta": 0.0}, ds.solvers.DPMpp3MSDE(eta=0.0, lower_order_final=False,
+                                                         legacy_third_order=True)),
+]
+
+
+@pytest.mark.parametrize("name, options, ours", STOCHASTIC_KD,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o, _ in STOCHASTIC_KD])
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm"])
+def test_agrees_with_kdiffusion_given_the_same_noise(key, name, options, ours):
+    """k-diffusion's stochastic samplers take a noise_sampler: fed our per-step draws, they and we agree."""
+    from diffsampler.noise import StepNoise
+
+    p = KD_PROCESSES[key]()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p)
+    grid = ds.grids.karras(p, 12)
+    mine = ds.sample(model, x, grid, ours, generator=torch.Generator().manual_seed(5))
+    noise = StepNoise.from_generator(torch.Generator().manual_seed(5), x.shape, x.dtype, x.device)
+    theirs = peers.run_kdiffusion(name, model, x, grid, noise=noise, **options)
+    assert rel(theirs, mine) < 1e-12
+
+
+def test_kdiffusion_3m_is_second_order_and_ours_third():
+    """Documented difference: the third-order weight of DPM-Solver++(3M) (see expint.dpmpp_weights).
+    With legacy_third_order we reproduce k-diffusion to round-off; with the exact weight the error falls
+    faster (slopes over 16..128 steps, VP scaled_linear, log-SNR grid)."""
+    import numpy as np
+    p = ds.VP.scaled_linear()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p, 32)
+    steps, errs = [16, 32, 64, 128], {"ours": [], "k-diffusion": []}
+    for n in steps:
+        grid = ds.grids.logsnr(p, n, end="min")
+        ref = GMM.ode_reference(p, x, grid[0], grid[-1])
+        errs["ours"].append(rel(ds.sample(model, x, grid, ds.solvers.DPMpp3M(lower_order_final=False)), ref))
+        errs["k-diffusion"].append(rel(peers.run_kdiffusion("dpmpp_3m_sde", model, x, grid, eta=0.0), ref))
+    slope = {k: -np.polyfit(np.log(steps), np.log(v), 1)[0] for k, v in errs.items()}
+    assert slope["ours"] > 2.5 and abs(slope["k-diffusion"] - 2) < 0.3, slope
+    assert errs["ours"][-1] < errs["k-diffusion"][-1] / 3
+
+
 # -- diffusers -------------------------------------------------------------------
 
 def _diffusers(cls_name, **config):
@@ -90,22 +138,43 @@ DIFFUSERS_CASES = [
     ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, ds.solvers.DPMpp3M(legacy_third_order=True)),
+    ("UniPCMultistepScheduler", {}, "unipc"),
+    ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
+     ds.solvers.UniPC(3, "bh1")),
+    ("UniPCMultistepScheduler", {"solver_order": 1}, ds.solvers.UniPC(1)),
+    ("UniPCMultistepScheduler", {"disable_corrector": list(range(100))}, ds.solvers.UniPC(corrector=False)),
 ]
 
 
 @pytest.mark.parametrize("steps", [7, 20])
 @pytest.mark.parametrize("cls_name, config, ours", DIFFUSERS_CASES,
-                         ids=[f"{c}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for c, o, _ in DIFFUSERS_CASES])
+                         ids=[f"{c}-{'-'.join(f'{k}={str(v)[:12]}' for k, v in o.items())}"
+                              for c, o, _ in DIFFUSERS_CASES])
 def test_agrees_with_diffusers(cls_name, config, ours, steps):
     sched = _diffusers(cls_name, **config)
     p = peers.vp_process_of(sched)
     model = GMM.denoiser(p, "eps")
     x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     theirs = peers.run_diffusers(sched, model, x, steps)
-    solver = ds.solvers.get(ours, **({"lower_order_final": config["lower_order_final"]}
-                                     if "lower_order_final" in config else {}))
+    solver = ours if not isinstance(ours, str) else ds.solvers.get(
+        ours, **({"lower_order_final": config["lower_order_final"]} if "lower_order_final" in config else {}))
     mine = ds.sample(model, x, peers.diffusers_grid(sched, p), solver)
     assert rel(theirs, mine) < 1e-6
+
+
+def test_diffusers_unipc_bh1_into_zero_is_nan():
+    """Documented difference: diffusers' UniPC with solver_type="bh1" and its default final_sigmas_type="zero"
+    returns NaN: on the last step B(h) = h is infinite and is multiplied by a zero correction. Ours takes
+    the step into t = 0 as the data estimate and stays finite; with final_sigmas_type="sigma_min" the two
+    agree (test_agrees_with_diffusers)."""
+    sched = _diffusers("UniPCMultistepScheduler", solver_type="bh1")
+    p = peers.vp_process_of(sched)
+    model = GMM.denoiser(p, "eps")
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    theirs = peers.run_diffusers(sched, model, x, 10)
+    mine = ds.sample(model, x, peers.diffusers_grid(sched, p), ds.solvers.UniPC(variant="bh1"))
+    assert bool(torch.isnan(theirs).all()) and bool(torch.isfinite(mine).all())
 
 
 def test_diffusers_ddim_trailing_steps_to_the_wrong_timestep():

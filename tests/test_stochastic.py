@@ -24,6 +24,10 @@ STOCHASTIC = [
     ("ddim", {"eta": 0.5}, 200),
     ("euler", {"s_churn": 10.0}, 200),
     ("heun", {"s_churn": 10.0}, 100),
+    ("euler_ancestral", {}, 200),
+    ("dpmpp_2m_sde", {}, 100),
+    ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5}, 100),
+    ("dpmpp_3m_sde", {}, 100),
 ]
 Z_MAX = 5.0
 

@@ -43,14 +43,14 @@ def solvers() -> None:
     for name in _solvers.names():
         cls = _solvers.REGISTRY[name]
         s = cls()
-        table.add_row(name, str(cls.order), str(cls.nfe_per_step),
+        table.add_row(name, str(s.order), str(cls.nfe_per_step),
                       "yes" if s.stochastic else "optional" if _stochastic_option(cls) else "no",
                       ", ".join(cls.options()) or "-", cls.paper)
     console.print(table)
 
 
 def _stochastic_option(cls) -> bool:
-    return any(o in ("eta", "s_churn") for o in cls.options())
+    return any(o in ("eta", "s_churn", "s_noise") for o in cls.options())
 
 
 @app.command()

@@ -80,13 +80,22 @@ def kdiffusion_denoiser(model: Denoiser, **cond) -> Callable:
     return denoise
 
 
-def run_kdiffusion(name: str, model: Denoiser, x: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
-    """Run ``k_diffusion.sampling.sample_<name>`` from ``x`` at ``grid[0]`` over ``grid`` (process times)."""
+def run_kdiffusion(name: str, model: Denoiser, x: torch.Tensor, grid: torch.Tensor, noise=None,
+                   **options) -> torch.Tensor:
+    """Run ``k_diffusion.sampling.sample_<name>`` from ``x`` at ``grid[0]`` over ``grid`` (process times).
+
+    ``noise`` (a :class:`~diffsampler.noise.StepNoise`) feeds k-diffusion's
+    ``noise_sampler``: the draw for the step that starts at ``sigmas[i]`` is
+    ``noise.draw(i)``, the same one our solvers use for step ``i``.
+    """
     ks = kdiffusion_sampling()
     p = model.process
     sigmas = torch.tensor([float(p.ode_sigma(float(t))) for t in grid], dtype=x.dtype)
     y = x / float(p.ode_scale(float(grid[0])))
     fn = getattr(ks, f"sample_{name}")
+    if noise is not None:
+        index = {float(s): i for i, s in enumerate(sigmas[:-1])}
+        options["noise_sampler"] = lambda sigma, sigma_next: noise.draw(index[float(sigma)])
     out = fn(kdiffusion_denoiser(model), y, sigmas, disable=True, **options)
     return out * float(p.ode_scale(float(grid[-1])))
 

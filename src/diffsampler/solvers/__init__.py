@@ -6,17 +6,24 @@ A new solver is its own module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 from .base import Knots, Solver
-from .ddim import DDIM
-from .dpmpp import DPMpp2M
+from .ddim import DDIM, EulerAncestral
+from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
 from .karras import Euler, Heun
+from .unipc import UniPC
 
-__all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "DPMpp2M"]
+__all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
+           "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
     "heun": Heun,
     "ddim": DDIM,
+    "euler_ancestral": EulerAncestral,
     "dpmpp_2m": DPMpp2M,
+    "dpmpp_3m": DPMpp3M,
+    "dpmpp_2m_sde": DPMpp2MSDE,
+    "dpmpp_3m_sde": DPMpp3MSDE,
+    "unipc": UniPC,
 }
 
 

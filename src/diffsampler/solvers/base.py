@@ -86,6 +86,11 @@ class Solver:
     def stochastic(self) -> bool:
         return False
 
+    @property
+    def global_order(self) -> int:
+        """The order of the whole run, which warm-up steps of lower order can cap below ``order``."""
+        return self.order
+
     def init(self, knots: Knots, x: torch.Tensor) -> Any:
         raise NotImplementedError
 

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import torch
-
-from .base import Knots, Solver
+from .base import Knots
 from .expint import data_step
+from .multistep import LinearMultistep, StepPlan
 
-__all__ = ["DDIM"]
-
-
-class DDIMState(NamedTuple):
-    t: tuple[float, ...]
-    coef: tuple[tuple[float, float, float], ...]  # (A, B, C) per step: x' = A x + B x0 + C z
+__all__ = ["DDIM", "EulerAncestral"]
 
 
 @dataclass(frozen=True)
-class DDIM(Solver):
+class DDIM(LinearMultistep):
     """DDIM with stochasticity ``eta`` in [0, 1].
 
     ``eta = 0`` is the deterministic first-order exponential integrator (equal to
@@ -42,12 +35,25 @@ class DDIM(Solver):
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    def init(self, knots: Knots, x) -> DDIMState:
-        return DDIMState(knots.t, tuple(data_step(knots, i, self.eta) for i in range(len(knots))))
+    def plan(self, knots: Knots):
+        for i in range(len(knots)):
+            A, B, C = data_step(knots, i, self.eta)
+            yield StepPlan(knots.t[i], A, (B,), C)
 
-    def step(self, model, x, i, state, noise):
-        A, B, C = state.coef[i]
-        out = torch.mul(x, A).add_(model(x, state.t[i]).x0, alpha=B)
-        if C != 0.0:
-            out.add_(noise.draw(i), alpha=C)
-        return out, state
+
+@dataclass(frozen=True)
+class EulerAncestral(DDIM):
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``), ``eta = 1`` by default.
+
+    In EDM coordinates k-diffusion steps down to ``sigma_down`` with Euler and adds
+    noise ``sigma_up``; with ``sigma_up = eta sqrt(sigma'^2 (sigma^2 - sigma'^2) /
+    sigma^2)`` that is exactly DDIM's stochastic step with the same ``eta``, so this
+    is DDIM under the name users know. For flows it takes the DDPM-posterior form,
+    which (unlike k-diffusion applied to a flow) keeps the flow's marginals.
+    Order 1, 1 NFE per step.
+    """
+
+    eta: float = 1.0
+
+    name = "euler_ancestral"
+    paper = "Karras et al. 2022 (k-diffusion); the step is DDIM's, Song et al. 2021"

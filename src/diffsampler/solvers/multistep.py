@@ -1,0 +1,106 @@
+"""The linear multistep engine shared by DDIM, DPM-Solver++ (2M, 3M, SDE) and UniPC.
+
+Every such method, once the grid is known, is a table of numbers: step ``i``
+moves the sample by
+
+    x_{i+1} = A_i x_i + sum_j P_ij m_{i-j} + C_i z_i                     (predictor)
+
+where ``m_k`` is the model's data estimate at knot ``k`` and ``z_i`` fresh noise.
+A corrector (UniPC's UniC, Zhao et al. 2023) re-derives ``x_{i+1}`` once the
+model has been evaluated there, at no extra evaluation:
+
+    x_{i+1} <- A_i x_i + sum_j K_ij m_{i-j} + K_i,new m_{i+1}
+
+and that corrected value is what step ``i + 1`` starts from. A method is then a
+rule that fills the table (:meth:`LinearMultistep.plan`), and one ``step``
+serves them all. The tables are built once per grid, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .base import Knots, Solver
+
+__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW"]
+
+# diffusers' rule for DPM-Solver++: below this many steps the last steps of a multistep
+# solver are taken at lower order, which avoids the artefacts of large final steps.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def step_orders(knots: Knots, order: int, lower_order_final: str) -> list[int]:
+    """The order of each step of a multistep method of nominal ``order``.
+
+    Warm-up from order 1 as history accumulates; no history point at infinite
+    log-SNR (``t = 1`` of a flow, where alpha = 0) is used; a step into ``t = 0`` is
+    first order. ``lower_order_final`` is ``"always"`` (step ``i`` of ``n`` at most
+    order ``n - i``, UniPC's rule), ``"short"`` (the same below 15 steps,
+    DPM-Solver++'s rule in diffusers) or ``"never"``.
+    """
+    n = len(knots)
+    orders = []
+    for i in range(n):
+        k = min(order, i + 1)
+        while k > 1 and not math.isfinite(knots.lam[i - k + 1]):
+            k -= 1
+        if lower_order_final == "always" or (lower_order_final == "short" and n < LOWER_ORDER_FINAL_BELOW):
+            k = min(k, n - i)
+        if knots.sigma[i + 1] == 0.0:
+            k = 1
+        orders.append(k)
+    return orders
+
+
+class StepPlan(NamedTuple):
+    """The numbers of one step (see the module docstring)."""
+
+    t: float                                  # where the model is evaluated
+    A: float                                  # weight of x_i
+    P: tuple[float, ...]                      # weights of m_i, m_{i-1}, ...
+    C: float = 0.0                            # weight of the noise
+    K: Optional[tuple[float, ...]] = None     # corrector weights of m_i, m_{i-1}, ... then m_{i+1} last
+
+
+class MultistepState(NamedTuple):
+    plans: tuple[StepPlan, ...]
+    keep: int                                 # how many past estimates any later step reads
+    history: tuple[torch.Tensor, ...]         # m_{i-1}, m_{i-2}, ... (most recent first)
+    x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
+
+
+def _combine(x: torch.Tensor, A: float, weights, ms) -> torch.Tensor:
+    out = torch.mul(x, A)
+    for w, m in zip(weights, ms):
+        if w != 0.0:
+            out.add_(m, alpha=w)
+    return out
+
+
+class LinearMultistep(Solver):
+    """Base of the methods that are a table of weights over past data estimates."""
+
+    def plan(self, knots: Knots) -> tuple[StepPlan, ...]:
+        raise NotImplementedError
+
+    def init(self, knots: Knots, x: torch.Tensor) -> MultistepState:
+        plans = tuple(self.plan(knots))
+        keep = max(max(len(p.P), len(p.K) - 1 if p.K else 0) for p in plans)
+        return MultistepState(plans, keep, (), None)
+
+    def step(self, model, x, i, state, noise):
+        plan = state.plans[i]
+        m = model(x, plan.t).x0
+        if i > 0:
+            prev = state.plans[i - 1]
+            if prev.K is not None:  # correct x_i with the model output just computed there
+                x = _combine(state.x_base, prev.A, prev.K[:-1], state.history)
+                x.add_(m, alpha=prev.K[-1])
+        ms = (m,) + state.history
+        out = _combine(x, plan.A, plan.P, ms)
+        if plan.C != 0.0:
+            out.add_(noise.draw(i), alpha=plan.C)
+        return out, MultistepState(state.plans, state.keep, ms[:state.keep], x if plan.K is not None else None)
