@@ -124,7 +124,9 @@ def unipc_weights(knots: Knots, i: int, order: int, variant: str = "bh2"):
     h = knots.h(i)
     hh = -h
     h_phi_1 = math.expm1(hh)
-    B_h = hh if variant == "bh1" else math.expm1(hh)
+    # An infinitely long step (from t = 1 of a flow, where alpha = 0) makes bh1's B(h) = h
+    # diverge; expm1 has the finite limit, so such a step uses bh2's B(h) whatever the variant.
+    B_h = hh if variant == "bh1" and math.isfinite(h) else math.expm1(hh)
     rks = [(knots.lam[i - k] - knots.lam[i]) / h for k in range(1, order)] + [1.0]
     b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
     for j in range(1, order + 1):
