@@ -47,6 +47,9 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("dpmpp_2m_sde", {"eta": 0.0}),
     ("unipc", {"solver_order": 3, "variant": "bh1"}),
     ("unipc", {"predictor": "dpmpp", "corrector": True}),
+    ("dpm_2", {"s_churn": 5.0}),
+    ("dpmpp_2s_ancestral", {"eta": 0.0}),
+    ("lms", {"lms_order": 2}),
 ]
 
 

@@ -33,7 +33,8 @@ def _start(p, n=16):
 # -- k-diffusion ---------------------------------------------------------------
 
 KD_PROCESSES = {"vp_scaled_linear": ds.VP.scaled_linear, "vp_cosine": ds.VP.cosine, "edm": ds.EDM, "flow": ds.Flow}
-KD_SOLVERS = {"euler": "euler", "heun": "heun", "dpmpp_2m": ds.solvers.DPMpp2M(lower_order_final=False)}
+KD_SOLVERS = {"euler": "euler", "heun": "heun", "dpmpp_2m": ds.solvers.DPMpp2M(lower_order_final=False),
+              "dpm_2": "dpm_2", "lms": "lms"}
 
 
 @pytest.mark.parametrize("grid_name", ["karras", "uniform"])
@@ -84,6 +85,10 @@ STOCHASTIC_KD = [
     ("dpmpp_3m_sde", {}, ds.solvers.DPMpp3MSDE(lower_order_final=False, legacy_third_order=True)),
     ("dpmpp_3m_sde", {"eta": 0.0}, ds.solvers.DPMpp3MSDE(eta=0.0, lower_order_final=False,
                                                          legacy_third_order=True)),
+    ("dpm_2_ancestral", {}, ds.solvers.DPM2Ancestral()),
+    ("dpm_2_ancestral", {"eta": 0.5}, ds.solvers.DPM2Ancestral(eta=0.5)),
+    ("dpmpp_2s_ancestral", {}, ds.solvers.DPMpp2SAncestral()),
+    ("dpmpp_2s_ancestral", {"eta": 0.0}, ds.solvers.DPMpp2SAncestral(eta=0.0)),
 ]
 
 
@@ -139,6 +144,9 @@ DIFFUSERS_CASES = [
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, ds.solvers.DPMpp3M(legacy_third_order=True)),
+    ("LMSDiscreteScheduler", {}, "lms"),
+    ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms"),
+    ("KDPM2DiscreteScheduler", {}, "dpm_2"),
     ("UniPCMultistepScheduler", {}, "unipc"),
     ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
      ds.solvers.UniPC(3, "bh1")),

@@ -27,7 +27,10 @@ STOCHASTIC = [
     ("euler_ancestral", {}, 200),
     ("dpmpp_2m_sde", {}, 100),
     ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5}, 100),
-    ("dpmpp_3m_sde", {}, 300),  # on uniform flow grids the long last log-SNR steps need more steps
+    ("dpmpp_3m_sde", {}, 300),
+    ("ddpm", {}, 200),
+    ("dpm_2_ancestral", {}, 100),
+    ("dpmpp_2s_ancestral", {}, 100),  # on uniform flow grids the long last log-SNR steps need more steps
 ]
 Z_MAX = 5.0
 

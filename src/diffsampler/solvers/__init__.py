@@ -6,18 +6,26 @@ A new solver is its own module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 from .base import Knots, Solver
-from .ddim import DDIM, EulerAncestral
+from .ancestral import DPM2Ancestral, DPMpp2SAncestral
+from .ddim import DDIM, DDPM, EulerAncestral
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
-from .karras import Euler, Heun
+from .karras import DPM2, Euler, Heun
+from .lms import LMS
 from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
-           "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC"]
+           "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
+           "DPMpp2SAncestral", "LMS", "DDPM"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
     "heun": Heun,
     "ddim": DDIM,
+    "ddpm": DDPM,
+    "dpm_2": DPM2,
+    "dpm_2_ancestral": DPM2Ancestral,
+    "dpmpp_2s_ancestral": DPMpp2SAncestral,
+    "lms": LMS,
     "euler_ancestral": EulerAncestral,
     "dpmpp_2m": DPMpp2M,
     "dpmpp_3m": DPMpp3M,

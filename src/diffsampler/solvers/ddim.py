@@ -8,7 +8,7 @@ from .base import Knots
 from .expint import data_step
 from .multistep import LinearMultistep, StepPlan
 
-__all__ = ["DDIM", "EulerAncestral"]
+__all__ = ["DDIM", "DDPM", "EulerAncestral"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,16 @@ class EulerAncestral(DDIM):
 
     name = "euler_ancestral"
     paper = "Karras et al. 2022 (k-diffusion); the step is DDIM's, Song et al. 2021"
+
+
+@dataclass(frozen=True)
+class DDPM(DDIM):
+    """DDPM ancestral sampling (Ho et al. 2020): each step samples the posterior ``q(x_{t'} | x_t, x0_hat)``.
+
+    That is DDIM with ``eta = 1``, on any grid (ComfyUI's ``ddpm``). Weak order 1, 1 NFE per step.
+    """
+
+    eta: float = 1.0
+
+    name = "ddpm"
+    paper = "Ho, Jain & Abbeel 2020, arXiv:2006.11239"
