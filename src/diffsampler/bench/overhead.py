@@ -34,7 +34,12 @@ SHARED = {
     "heun": (("HeunDiscreteScheduler", {}), "heun"),
     "ddim": (("DDIMScheduler", {"clip_sample": False}), None),
     "dpmpp_2m": (("DPMSolverMultistepScheduler", {}), "dpmpp_2m"),
+    "dpmpp_3m": (("DPMSolverMultistepScheduler", {"solver_order": 3}), None),
+    "unipc": (("UniPCMultistepScheduler", {}), None),
+    "lms": (("LMSDiscreteScheduler", {}), "lms"),
+    "dpm_2": (("KDPM2DiscreteScheduler", {}), "dpm_2"),
 }
+TWO_EVALS = ("heun", "dpm_2")
 
 
 @dataclass
@@ -82,7 +87,7 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
         kd_model = lambda y, s: y / (1 + s[0] * s[0])  # noqa: E731
 
         for solver, ((sched_name, sched_cfg), kd_name) in SHARED.items():
-            n_evals = 2 * STEPS - 1 if solver == "heun" else STEPS
+            n_evals = 2 * STEPS - 1 if solver in TWO_EVALS else STEPS
             grid = _grids.get("uniform", process, STEPS)
 
             # model alone, called as each library calls it
