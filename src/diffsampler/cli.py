@@ -43,7 +43,8 @@ def solvers() -> None:
     for name in _solvers.names():
         cls = _solvers.REGISTRY[name]
         s = cls()
-        table.add_row(name, str(s.order), str(cls.nfe_per_step),
+        order = f"{s.order}" + (f" (global {s.global_order})" if s.global_order != s.order else "")
+        table.add_row(name, order, str(cls.nfe_per_step),
                       "yes" if s.stochastic else "optional" if _stochastic_option(cls) else "no",
                       ", ".join(cls.options()) or "-", cls.paper)
     console.print(table)

@@ -18,17 +18,19 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     from diffusers.utils import logging as dlogging
 
     from .accuracy import run_accuracy
+    from .distribution import run_distribution
     from .overhead import run_overhead
     from .report import write_report
 
     dlogging.set_verbosity_error()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    results, failures = run_accuracy(quick=quick, n=64 if quick else 256, log=log)
+    results, failures = run_accuracy(quick=quick, n=64 if quick else 128, log=log)
+    dist = run_distribution(quick=quick, n=500 if quick else 2000, log=log)
     timings = run_overhead(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
-    path = write_report(results, failures, timings, Path(root), command, machine)
+    path = write_report(results, failures, dist, timings, Path(root), command, machine)
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
 
