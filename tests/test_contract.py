@@ -108,3 +108,24 @@ def test_progress_bar_runs():
     p = ds.EDM()
     x_T = p.prior((2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ds.sample(GMM.denoiser(p, "eps"), x_T, ds.grids.karras(p, 3), "euler", progress=True)
+
+
+def test_a_new_method_is_a_weight_rule_over_the_engine():
+    """A user's solver: one plan() over the shared engine, no loop of its own, hashable or not."""
+    from diffsampler.solvers.expint import data_step
+    from diffsampler.solvers.multistep import LinearMultistep, StepPlan
+
+    class MyFirstOrder(LinearMultistep):
+        name, order, nfe_per_step, paper = "mine", 1, 1, "-"
+        __hash__ = None  # unhashable on purpose: the loop's cache must cope
+
+        def plan(self, knots):
+            for i in range(len(knots)):
+                A, B, _ = data_step(knots, i)
+                yield StepPlan(knots.t[i], A, (B,))
+
+    p = ds.VP.cosine()
+    x_T = p.prior((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = ds.grids.logsnr(p, 9)
+    model = GMM.denoiser(p, "eps")
+    torch.testing.assert_close(ds.sample(model, x_T, grid, MyFirstOrder()), ds.sample(model, x_T, grid, "ddim"))

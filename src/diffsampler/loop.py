@@ -43,15 +43,25 @@ def _first_non_finite(sums: list[torch.Tensor]) -> int | None:
     return int(bad.nonzero()[0])
 
 
-@functools.lru_cache(maxsize=64)
+def _compute_initial_state(solver, process, grid: tuple, shape: tuple, dtype, device):
+    knots = _solvers.Knots.from_grid(process, torch.tensor(grid, dtype=torch.float64))
+    return knots, solver.init(knots, torch.empty(shape, dtype=dtype, device=device))
+
+
+_cached_initial_state = functools.lru_cache(maxsize=64)(_compute_initial_state)
+
+
 def _initial_state(solver, process, grid: tuple, shape: tuple, dtype, device):
     """Knots and the solver's initial state, computed once per (solver, process, grid, batch layout).
 
     Repeated calls with the same grid (generating batch after batch) then pay for
-    neither. Solvers are frozen and their initial states immutable, so sharing is safe.
+    neither. Solvers are frozen and their initial states immutable, so sharing is
+    safe; a user's solver that is not hashable simply skips the cache.
     """
-    knots = _solvers.Knots.from_grid(process, torch.tensor(grid, dtype=torch.float64))
-    return knots, solver.init(knots, torch.empty(shape, dtype=dtype, device=device))
+    try:
+        return _cached_initial_state(solver, process, grid, shape, dtype, device)
+    except TypeError:
+        return _compute_initial_state(solver, process, grid, shape, dtype, device)
 
 
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,

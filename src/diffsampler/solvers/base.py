@@ -6,7 +6,9 @@ A solver is an immutable object holding only hyperparameters. The loop calls
     x, state = solver.step(model, x, i, state, noise)      # for i in range(len(knots))
 
 ``init`` precomputes everything that depends only on the grid (per-step
-coefficients as Python floats), so a step does tensor work and nothing else.
+coefficients as Python floats), so a step does tensor work and nothing else. Its
+``x`` is a template of the batch (shape, dtype, device), not the sample: the loop
+caches initial states per grid and batch layout.
 All history (previous model outputs, step ratios) lives in the returned state.
 ``model`` is a callable ``(x, t) -> Prediction`` with the conditioning bound;
 ``noise`` is a :class:`~diffsampler.noise.StepNoise` for stochastic solvers and
