@@ -48,3 +48,32 @@ def test_keys_follow_the_generator_sample_by_sample():
 def test_odd_sizes_and_dtypes():
     z = _noise(n=3, shape=(1, 3, 3), dtype=torch.bfloat16).draw(0)
     assert z.shape == (3, 1, 3, 3) and z.dtype == torch.bfloat16
+
+
+def _brownian(n=3000, times=(1.0, 0.6, 0.1, 0.0), seed=0, shape=(2,)):
+    from diffsampler.noise import BrownianNoise
+    return BrownianNoise(sample_keys(n, torch.Generator().manual_seed(seed)), (n, *shape), torch.float64, "cpu",
+                         times, 0.0, 1.0)
+
+
+@pytest.mark.statistical
+def test_brownian_increments_are_standard_normal_and_independent():
+    b = _brownian()
+    a, c = b.between(1.0, 0.6), b.between(0.6, 0.1)
+    for z in (a, c, b.draw(2)):
+        assert stats.kstest(z.flatten().numpy(), "norm").pvalue > 1e-4
+    assert abs(torch.corrcoef(torch.stack([a.flatten(), c.flatten()]))[0, 1].item()) < 5 / math.sqrt(a.numel())
+
+
+def test_brownian_increments_add_up_along_the_path():
+    """The increment over [0.1, 1] is the sum of those over [0.1, 0.6] and [0.6, 1]: a coarser grid
+    sees the same path as a finer one."""
+    b = _brownian(n=50)
+    whole = b.between(1.0, 0.1) * math.sqrt(0.9)
+    parts = b.between(1.0, 0.6) * math.sqrt(0.4) + b.between(0.6, 0.1) * math.sqrt(0.5)
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-12)
+
+
+def test_brownian_path_is_per_sample():
+    big, small = _brownian(n=9), _brownian(n=3)
+    torch.testing.assert_close(big.between(0.7, 0.2)[:3], small.between(0.7, 0.2), rtol=0, atol=0)

@@ -109,6 +109,25 @@ def test_agrees_with_kdiffusion_given_the_same_noise(key, name, options, ours):
     assert rel(theirs, mine) < 1e-12
 
 
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm"])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_dpmpp_sde_agrees_with_kdiffusion_on_the_same_brownian_path(key, eta):
+    """k-diffusion's sample_dpmpp_sde asks its noise sampler for increments over (sigma, sigma_mid) and
+    (sigma, sigma_next); answered from our Brownian path, it and we agree to round-off."""
+    from diffsampler.noise import BrownianNoise, sample_keys
+
+    p = KD_PROCESSES[key]()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p)
+    grid = ds.grids.karras(p, 12)
+    mine = ds.sample(model, x, grid, ds.solvers.DPMppSDE(eta=eta), generator=torch.Generator().manual_seed(5))
+    knots = ds.solvers.Knots.from_grid(p, grid)
+    noise = BrownianNoise(sample_keys(len(x), torch.Generator().manual_seed(5)), x.shape, x.dtype, "cpu",
+                          knots.s, 0.0, float(p.ode_sigma(p.t_max)))
+    theirs = peers.run_kdiffusion("dpmpp_sde", model, x, grid, noise=noise, eta=eta)
+    assert rel(theirs, mine) < 1e-11
+
+
 def test_kdiffusion_3m_is_second_order_and_ours_third():
     """Documented difference: the third-order weight of DPM-Solver++(3M) (see expint.dpmpp_weights).
     With legacy_third_order we reproduce k-diffusion to round-off; with the exact weight the error falls

@@ -30,7 +30,8 @@ STOCHASTIC = [
     ("dpmpp_3m_sde", {}, 300),
     ("ddpm", {}, 200),
     ("dpm_2_ancestral", {}, 100),
-    ("dpmpp_2s_ancestral", {}, 100),  # on uniform flow grids the long last log-SNR steps need more steps
+    ("dpmpp_2s_ancestral", {}, 100),
+    ("dpmpp_sde", {}, 100),  # on uniform flow grids the long last log-SNR steps need more steps
 ]
 Z_MAX = 5.0
 
@@ -92,3 +93,23 @@ def test_the_check_rejects_a_wrong_sampler():
     x = ds.sample(TARGET.denoiser(p, "eps"), x_T, ds.grids.logsnr(p, 3), "ddim")
     with pytest.raises(AssertionError):
         assert_matches_target(x, 4 * n, g)
+
+
+@pytest.mark.statistical
+def test_brownian_noise_samples_the_target_and_keeps_the_path_across_step_counts():
+    """With brownian=True a stochastic solver still samples the target, and a run with twice the steps
+    ends near the coarse run's samples (same path), far nearer than a run with independent noise."""
+    p = ds.VP.scaled_linear()
+    n = stat_size(8_000, 100_000)
+    g = torch.Generator().manual_seed(13)
+    x_T = TARGET.sample_marginal(p, p.t_max, n, generator=g)
+    model = TARGET.denoiser(p, "eps")
+    solver = ds.solvers.get("dpmpp_2m_sde")
+    run = lambda steps, seed, **kw: ds.sample(model, x_T, ds.grids.karras(p, steps), solver,  # noqa: E731
+                                              generator=torch.Generator().manual_seed(seed), **kw)
+    coarse, fine = run(100, 1, brownian=True), run(200, 1, brownian=True)
+    assert_matches_target(fine, 4 * n, g)
+    other = run(200, 2, brownian=True)
+    same_path = (coarse - fine).norm(dim=1).median()
+    other_path = (coarse - other).norm(dim=1).median()
+    assert same_path < 0.3 * other_path, (same_path, other_path)

@@ -10,7 +10,7 @@ import torch
 from . import grids as _grids
 from . import solvers as _solvers
 from .denoiser import Denoiser
-from .noise import StepNoise
+from .noise import BrownianNoise, StepNoise, sample_keys
 
 __all__ = ["sample", "NonFiniteError"]
 
@@ -67,7 +67,7 @@ def _initial_state(solver, process, grid: tuple, shape: tuple, dtype, device):
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = False,
-           **cond) -> torch.Tensor:
+           brownian: bool = False, **cond) -> torch.Tensor:
     """Integrate from ``x`` at ``grid[0]`` to ``grid[-1]`` with ``solver``; return the final sample.
 
     Parameters
@@ -87,6 +87,11 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         torch's default generator.
     callback:
         Called after each step with ``{"i", "t", "t_next", "x"}``.
+    brownian:
+        Draw a stochastic solver's noise as increments of one Brownian path per
+        sample (in the process's noise level ``ode_sigma``), so that runs with
+        different step counts follow the same path. Solvers that need it
+        (``dpmpp_sde``) always get it.
     progress:
         Show a progress bar.
     **cond:
@@ -104,7 +109,14 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
     solver = _solvers.resolve(solver)
     grid = _grids.validate(process, grid)
     knots, state = _initial_state(solver, process, tuple(grid.tolist()), tuple(x.shape), x.dtype, x.device)
-    noise = StepNoise.from_generator(generator, x.shape, x.dtype, x.device) if solver.stochastic else None
+    noise = None
+    if solver.stochastic:
+        keys = sample_keys(x.shape[0], generator)
+        if brownian or solver.brownian:
+            top = float(process.ode_sigma(process.t_max))
+            noise = BrownianNoise(keys, x.shape, x.dtype, x.device, knots.s, 0.0, top)
+        else:
+            noise = StepNoise(keys, x.shape, x.dtype, x.device)
     fn = (lambda x_, t_: model(x_, t_, **cond)) if cond else model
 
     steps = range(len(knots))

@@ -109,7 +109,11 @@ class StepNoise:
         return cls(sample_keys(shape[0], generator), shape, dtype, device)
 
     def draw(self, step: int, stream: int = 0) -> torch.Tensor:
-        counter = _mix(self._keys + _wrap((step * 1_000_003 + stream + 1) * _GOLDEN))
+        return self._normal(step * 1_000_003 + stream + 1)
+
+    def _normal(self, counter_id: int) -> torch.Tensor:
+        """The standard normal tensor of one counter value (steps use ids below 2^40)."""
+        counter = _mix(self._keys + _wrap(counter_id * _GOLDEN))
         base = counter + self._offsets
         u1 = _uniform(_mix(base))
         u2 = _uniform(_mix(base + _GOLDEN))
@@ -117,3 +121,54 @@ class StepNoise:
         angle = (2.0 * math.pi) * u2
         z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, : self.per_sample]
         return z.reshape(self.shape).to(self.dtype)
+
+
+class BrownianNoise(StepNoise):
+    """Noise from one Brownian path per sample, so a path does not change with the step count.
+
+    ``between(a, b)`` is ``(W(b) - W(a)) / sqrt(|b - a|)`` for a Brownian motion ``W``
+    on the time interval ``[lo, hi]``: a standard normal, and increments over
+    adjacent intervals add up as the path's do. ``draw(i)`` is the increment over
+    knot interval ``i`` of the times given at construction. Each sample's path is a
+    pure function of its key: ``W`` is built by dyadic Brownian-bridge bisection
+    (Levy's construction), node by node from the keyed generator, to ``depth``
+    levels and linearly inside the last one (an error of standard deviation
+    ``2^(-depth/2) / 2`` of the path's scale). Nodes are cached for the run.
+    """
+
+    def __init__(self, keys: torch.Tensor, shape, dtype, device, times, lo: float, hi: float, depth: int = 24):
+        super().__init__(keys, shape, dtype, device)
+        if not hi > lo:
+            raise ValueError(f"BrownianNoise: need lo < hi, got {lo}, {hi}")
+        self.times = [float(t) for t in times]
+        self.lo, self.hi, self.depth = float(lo), float(hi), int(depth)
+        self._nodes: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _z(self, level: int, index: int) -> torch.Tensor:
+        key = (level, index)
+        if key not in self._nodes:
+            # step noise uses counter ids below 2^40; the tree's nodes live above
+            self._nodes[key] = self._normal(((level + 1) << 40) | index).to(torch.float64)
+        return self._nodes[key]
+
+    def _w(self, tau: float) -> torch.Tensor:
+        """W at ``tau``, in units where ``W(hi) - W(lo)`` has variance 1 (scaled by the caller)."""
+        u = min(max((tau - self.lo) / (self.hi - self.lo), 0.0), 1.0)
+        a, b, wa, wb, index = 0.0, 1.0, torch.zeros((), dtype=torch.float64), self._z(0, 0), 0
+        for level in range(1, self.depth + 1):
+            m = 0.5 * (a + b)
+            wm = 0.5 * (wa + wb) + math.sqrt(0.25 * (b - a)) * self._z(level, index)
+            if u < m:
+                b, wb, index = m, wm, 2 * index
+            else:
+                a, wa, index = m, wm, 2 * index + 1
+        return wa + (wb - wa) * ((u - a) / (b - a))
+
+    def between(self, a: float, b: float) -> torch.Tensor:
+        if a == b:
+            raise ValueError("BrownianNoise.between: the interval is empty")
+        inc = (self._w(b) - self._w(a)) / math.sqrt(abs(b - a) / (self.hi - self.lo))
+        return inc.to(self.dtype)
+
+    def draw(self, step: int, stream: int = 0) -> torch.Tensor:
+        return self.between(self.times[step], self.times[step + 1])

@@ -86,14 +86,17 @@ def run_kdiffusion(name: str, model: Denoiser, x: torch.Tensor, grid: torch.Tens
 
     ``noise`` (a :class:`~diffsampler.noise.StepNoise`) feeds k-diffusion's
     ``noise_sampler``: the draw for the step that starts at ``sigmas[i]`` is
-    ``noise.draw(i)``, the same one our solvers use for step ``i``.
+    ``noise.draw(i)``, the same one our solvers use for step ``i``; a Brownian
+    noise source answers k-diffusion's ``(sigma, sigma_next)`` with its increment.
     """
     ks = kdiffusion_sampling()
     p = model.process
     sigmas = torch.tensor([float(p.ode_sigma(float(t))) for t in grid], dtype=x.dtype)
     y = x / float(p.ode_scale(float(grid[0])))
     fn = getattr(ks, f"sample_{name}")
-    if noise is not None:
+    if noise is not None and hasattr(noise, "between"):
+        options["noise_sampler"] = lambda sigma, sigma_next: noise.between(float(sigma), float(sigma_next))
+    elif noise is not None:
         index = {float(s): i for i, s in enumerate(sigmas[:-1])}
         options["noise_sampler"] = lambda sigma, sigma_next: noise.draw(index[float(sigma)])
     out = fn(kdiffusion_denoiser(model), y, sigmas, disable=True, **options)

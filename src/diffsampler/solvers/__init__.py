@@ -9,13 +9,14 @@ from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2SAncestral
 from .ddim import DDIM, DDPM, EulerAncestral
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
+from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .lms import LMS
 from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_2m": DPMpp2M,
     "dpmpp_3m": DPMpp3M,
     "dpmpp_2m_sde": DPMpp2MSDE,
+    "dpmpp_sde": DPMppSDE,
     "dpmpp_3m_sde": DPMpp3MSDE,
     "unipc": UniPC,
 }

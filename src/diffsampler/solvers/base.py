@@ -83,6 +83,9 @@ class Solver:
     order: ClassVar[int]
     nfe_per_step: ClassVar[int]
     paper: ClassVar[str]
+    # True for solvers whose noise must come from a Brownian path (they ask for
+    # increments over arbitrary intervals with noise.between(a, b)).
+    brownian: ClassVar[bool] = False
 
     @property
     def stochastic(self) -> bool:

@@ -21,7 +21,7 @@ import math
 
 from .base import Knots
 
-__all__ = ["data_step", "dpmpp_weights", "unipc_weights", "ancestral_split"]
+__all__ = ["data_step", "dpmpp_weights", "unipc_weights", "ancestral_split", "ancestral_split_times"]
 
 
 def data_step(knots: Knots, i: int, eta: float = 0.0) -> tuple[float, float, float]:
@@ -154,21 +154,28 @@ def unipc_weights(knots: Knots, i: int, order: int, variant: str = "bh2"):
 def ancestral_split(knots: Knots, i: int, eta: float) -> tuple[float, float, float]:
     """Split step ``i`` into a deterministic move to ``t_down`` and fresh noise: ``(t_down, keep, c)``.
 
-    ``x_{t'} = keep * x_{t_down} + c z`` with ``c = min(sigma', eta sigma' sqrt(1 - e^{-2h}))``
-    (``eta`` times the DDPM posterior's standard deviation, as DDIM's eta) and
-    ``t_down`` the time whose marginal, rescaled by ``keep = alpha' / alpha_down``,
-    has the remaining variance ``sigma'^2 - c^2``. In EDM coordinates this is
-    k-diffusion's ``get_ancestral_step`` (``sigma_down``, ``sigma_up = c / alpha'``);
-    written with the process's own alpha and sigma it stays correct for flows.
+    See :func:`ancestral_split_times`.
     """
-    a1, s1 = knots.alpha[i + 1], knots.sigma[i + 1]
+    return ancestral_split_times(knots.process, knots.t[i], knots.t[i + 1], eta)
+
+
+def ancestral_split_times(process, t: float, t_next: float, eta: float) -> tuple[float, float, float]:
+    """``(t_down, keep, c)`` with ``x_{t_next} = keep * x_{t_down} + c z`` for a step from ``t`` to ``t_next``.
+
+    ``c = min(sigma', eta sigma' sqrt(1 - e^{-2h}))`` is ``eta`` times the DDPM
+    posterior's standard deviation (as DDIM's eta), and ``t_down`` the time whose
+    marginal, rescaled by ``keep = alpha' / alpha_down``, has the remaining variance
+    ``sigma'^2 - c^2``. In EDM coordinates this is k-diffusion's
+    ``get_ancestral_step`` (``sigma_down``, ``sigma_up = c / alpha'``); written with
+    the process's own alpha and sigma it stays correct for flows.
+    """
+    a1, s1 = float(process.alpha(t_next)), abs(float(process.sigma(t_next)))
     if s1 == 0.0 or eta == 0.0:
-        return knots.t[i + 1], 1.0, 0.0
-    h = knots.h(i)
+        return t_next, 1.0, 0.0
+    h = float(process.lambda_(t_next)) - float(process.lambda_(t))
     c = min(s1, eta * s1 * math.sqrt(-math.expm1(-2.0 * h)))
     rest = math.sqrt(max(0.0, s1 * s1 - c * c))
     if rest == 0.0:
-        return 0.0, a1 / float(knots.process.alpha(0.0)), c
-    p = knots.process
-    t_down = float(p.t_of_lambda(math.log(a1) - math.log(rest)))
-    return t_down, a1 / float(p.alpha(t_down)), c
+        return 0.0, a1 / float(process.alpha(0.0)), c
+    t_down = float(process.t_of_lambda(math.log(a1) - math.log(rest)))
+    return t_down, a1 / float(process.alpha(t_down)), c
