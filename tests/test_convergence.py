@@ -66,6 +66,25 @@ def test_empirical_convergence_order(key, testbed, solver_name):
 
 
 @pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
+def test_dpm_solver_3_steps_are_third_order(legacy, exact):
+    """The noise-prediction twin of the test below: exact for a noise estimate quadratic in log-SNR."""
+    import math
+    from scipy.integrate import quad
+    from diffsampler.solvers.expint import dpm_solver_weights
+
+    p = ds.VP.linear()
+    lams = [-1.0, -0.6, -0.3, -0.1]
+    knots = ds.solvers.Knots.from_grid(p, p.t_of_lambda(torch.tensor(lams, dtype=torch.float64)))
+    e = lambda lam: 0.2 - 0.3 * lam + 0.7 * lam * lam  # noqa: E731
+    A, P = dpm_solver_weights(knots, 2, 3, legacy_third_order=legacy)
+    x = 0.4
+    got = A * x + sum(w * e(lam) for w, lam in zip(P, lams[2::-1]))
+    a0, a1 = knots.alpha[2], knots.alpha[3]
+    want = a1 / a0 * x - a1 * quad(lambda lam: math.exp(-lam) * e(lam), lams[2], lams[3], epsabs=1e-14)[0]
+    assert (abs(got - want) < 1e-12) == exact
+
+
+@pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
 def test_dpmpp_3m_steps_are_third_order(legacy, exact):
     """A third-order step is exact when the data estimate is quadratic in log-SNR. Ours is; the weight
     shipped by the DPM-Solver++ reference code, k-diffusion and diffusers (legacy_third_order) is not."""

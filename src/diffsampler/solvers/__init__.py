@@ -8,6 +8,7 @@ from __future__ import annotations
 from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2SAncestral
 from .ddim import DDIM, DDPM, EulerAncestral
+from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
@@ -16,7 +17,7 @@ from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "ddpm": DDPM,
     "dpm_2": DPM2,
     "dpm_2_ancestral": DPM2Ancestral,
+    "dpm_solver": DPMSolver,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
     "lms": LMS,
     "euler_ancestral": EulerAncestral,

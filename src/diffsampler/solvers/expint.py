@@ -21,7 +21,8 @@ import math
 
 from .base import Knots
 
-__all__ = ["data_step", "dpmpp_weights", "unipc_weights", "ancestral_split", "ancestral_split_times"]
+__all__ = ["data_step", "dpmpp_weights", "dpm_solver_weights", "unipc_weights", "ancestral_split",
+           "ancestral_split_times"]
 
 
 def data_step(knots: Knots, i: int, eta: float = 0.0) -> tuple[float, float, float]:
@@ -107,6 +108,42 @@ def dpmpp_weights(knots: Knots, i: int, order: int, eta: float = 0.0, second_ord
             P = _lin((1.0, P), (a1 * phi2, d1), (-d2_weight * a1 * phi3, d2))
     C = s_noise * s1 * math.sqrt(-math.expm1(-2.0 * eta_h)) if eta > 0 else 0.0
     return A, _trim(P), C
+
+
+def dpm_solver_weights(knots: Knots, i: int, order: int, second_order: str = "midpoint",
+                       legacy_third_order: bool = False) -> tuple[float, tuple[float, ...]]:
+    """``(A, P)`` of multistep DPM-Solver with noise prediction (Lu et al. 2022a, arXiv:2206.00927).
+
+    ``x' = (alpha'/alpha) x - sigma' (e^h - 1) eps_i`` plus the divided-difference
+    terms of orders 2 and 3 (``"midpoint"`` or ``"heun"`` second-order form), over
+    ``(eps_i, eps_{i-1}, eps_{i-2})``. As for DPM-Solver++, the exact third-order term
+    is ``-2 sigma' psi_3 D2`` with ``psi_3 = (e^h - 1 - h)/h^2 - 1/2`` (``D2`` estimates
+    ``h^2 eps''/2``); ``legacy_third_order`` gives the weight 1 of the reference code
+    and diffusers. Into ``t = 0`` the step returns the data estimate, written on eps.
+    """
+    a0, s0 = knots.alpha[i], knots.sigma[i]
+    a1, s1 = knots.alpha[i + 1], knots.sigma[i + 1]
+    if s1 == 0.0:
+        return a1 / a0, (-a1 * s0 / a0,)
+    h = knots.h(i)
+    em1 = math.expm1(h)
+    P = [-s1 * em1, 0.0, 0.0]
+    psi2 = em1 / h - 1.0
+    if order >= 2 and i >= 1:
+        r0 = knots.h(i - 1) / h
+        d1_0 = [1.0 / r0, -1.0 / r0, 0.0]
+        if order == 2 or i < 2:
+            w = 0.5 * em1 if second_order == "midpoint" else psi2
+            P = _lin((1.0, P), (-s1 * w, d1_0))
+        else:
+            r1 = knots.h(i - 2) / h
+            d1_1 = [0.0, 1.0 / r1, -1.0 / r1]
+            d1 = _lin((1.0 + r0 / (r0 + r1), d1_0), (-r0 / (r0 + r1), d1_1))
+            d2 = _lin((1.0 / (r0 + r1), d1_0), (-1.0 / (r0 + r1), d1_1))
+            psi3 = (em1 - h) / (h * h) - 0.5
+            d2_weight = 1.0 if legacy_third_order else 2.0
+            P = _lin((1.0, P), (-s1 * psi2, d1), (-d2_weight * s1 * psi3, d2))
+    return a1 / a0, _trim(P)
 
 
 def unipc_weights(knots: Knots, i: int, order: int, variant: str = "bh2"):

@@ -5,7 +5,8 @@ moves the sample by
 
     x_{i+1} = A_i x_i + sum_j P_ij m_{i-j} + C_i z_i                     (predictor)
 
-where ``m_k`` is the model's data estimate at knot ``k`` and ``z_i`` fresh noise.
+where ``m_k`` is the model's data estimate at knot ``k`` (or its noise estimate, for
+the noise-prediction methods: ``StepPlan.kind``) and ``z_i`` fresh noise.
 A corrector (UniPC's UniC, Zhao et al. 2023) re-derives ``x_{i+1}`` once the
 model has been evaluated there, at no extra evaluation:
 
@@ -23,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..denoiser import Prediction
 from .base import Knots, Solver
 
 __all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW"]
@@ -63,20 +65,21 @@ class StepPlan(NamedTuple):
     P: tuple[float, ...]                      # weights of m_i, m_{i-1}, ...
     C: float = 0.0                            # weight of the noise
     K: Optional[tuple[float, ...]] = None     # corrector weights of m_i, m_{i-1}, ... then m_{i+1} last
+    kind: str = "x0"                          # which estimate m is: "x0" (data) or "eps" (noise)
 
 
 class MultistepState(NamedTuple):
     plans: tuple[StepPlan, ...]
     keep: int                                 # how many past estimates any later step reads
-    history: tuple[torch.Tensor, ...]         # m_{i-1}, m_{i-2}, ... (most recent first)
+    history: tuple[Prediction, ...]           # the model's answers at i-1, i-2, ... (most recent first)
     x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
 
 
-def _combine(x: torch.Tensor, A: float, weights, ms) -> torch.Tensor:
+def _combine(x: torch.Tensor, A: float, weights, predictions, kind: str) -> torch.Tensor:
     out = torch.mul(x, A)
-    for w, m in zip(weights, ms):
+    for w, pred in zip(weights, predictions):
         if w != 0.0:
-            out.add_(m, alpha=w)
+            out.add_(pred.x0 if kind == "x0" else pred.eps, alpha=w)
     return out
 
 
@@ -93,14 +96,15 @@ class LinearMultistep(Solver):
 
     def step(self, model, x, i, state, noise):
         plan = state.plans[i]
-        m = model(x, plan.t).x0
+        pred = model(x, plan.t)
         if i > 0:
             prev = state.plans[i - 1]
             if prev.K is not None:  # correct x_i with the model output just computed there
-                x = _combine(state.x_base, prev.A, prev.K[:-1], state.history)
-                x.add_(m, alpha=prev.K[-1])
-        ms = (m,) + state.history
-        out = _combine(x, plan.A, plan.P, ms)
+                x = _combine(state.x_base, prev.A, prev.K[:-1], state.history, prev.kind)
+                x.add_(pred.x0 if prev.kind == "x0" else pred.eps, alpha=prev.K[-1])
+        answers = (pred,) + state.history
+        out = _combine(x, plan.A, plan.P, answers, plan.kind)
         if plan.C != 0.0:
             out.add_(noise.draw(i), alpha=plan.C)
-        return out, MultistepState(state.plans, state.keep, ms[:state.keep], x if plan.K is not None else None)
+        return out, MultistepState(state.plans, state.keep, answers[:state.keep],
+                                   x if plan.K is not None else None)
