@@ -168,6 +168,8 @@ DIFFUSERS_CASES = [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 3, "solver_type": "heun",
                                      "final_sigmas_type": "sigma_min"},
      ds.solvers.DPMSolver(3, "heun", legacy_third_order=True)),
+    ("DEISMultistepScheduler", {}, "deis"),
+    ("DEISMultistepScheduler", {"solver_order": 1}, ds.solvers.DEIS(1)),
     ("LMSDiscreteScheduler", {}, "lms"),
     ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms"),
     ("KDPM2DiscreteScheduler", {}, "dpm_2"),
@@ -193,6 +195,32 @@ def test_agrees_with_diffusers(cls_name, config, ours, steps):
         ours, **({"lower_order_final": config["lower_order_final"]} if "lower_order_final" in config else {}))
     mine = ds.sample(model, x, peers.diffusers_grid(sched, p), solver)
     assert rel(theirs, mine) < 1e-6
+
+
+def test_diffusers_deis_3_loses_precision_in_float32_coefficients():
+    """Documented difference: diffusers computes DEIS's third-order weights from a closed form in float32,
+    where the difference of two nearly equal antiderivatives cancels (relative error ~1e-4 at 30 steps).
+    The same closed form in float64 equals our quadrature to 1e-12; at 7 steps the two runs agree to
+    1e-6, at 30 the float32 loss shows."""
+    import numpy as np
+    from diffsampler.solvers.lms import log_lagrange_integrals
+
+    def ind_fn(t, b, c, d):
+        lt, lb, lc, ld = np.log(t), np.log(b), np.log(c), np.log(d)
+        return t * (lc * (ld - lt + 1) - ld * lt + ld + lt ** 2 - 2 * lt + 2) / ((lb - lc) * (lb - ld))
+
+    rt, r0, r1, r2 = 0.50, 0.55, 0.61, 0.67
+    closed = [ind_fn(rt, r0, r1, r2) - ind_fn(r0, r0, r1, r2), ind_fn(rt, r1, r2, r0) - ind_fn(r0, r1, r2, r0),
+              ind_fn(rt, r2, r0, r1) - ind_fn(r0, r2, r0, r1)]
+    np.testing.assert_allclose(log_lagrange_integrals([r0, r1, r2], r0, rt), closed, rtol=1e-12)
+    for steps, agree in ((7, True), (30, False)):
+        sched = _diffusers("DEISMultistepScheduler", solver_order=3)
+        p = peers.vp_process_of(sched)
+        model = GMM.denoiser(p, "eps")
+        x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        theirs = peers.run_diffusers(sched, model, x, steps)
+        mine = ds.sample(model, x, peers.diffusers_grid(sched, p), ds.solvers.DEIS(3))
+        assert (rel(theirs, mine) < 1e-6) == agree
 
 
 def test_diffusers_unipc_bh1_into_zero_is_nan():

@@ -12,12 +12,12 @@ from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
-from .lms import LMS
+from .lms import DEIS, LMS
 from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -27,6 +27,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpm_2": DPM2,
     "dpm_2_ancestral": DPM2Ancestral,
     "dpm_solver": DPMSolver,
+    "deis": DEIS,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
     "lms": LMS,
     "euler_ancestral": EulerAncestral,
