@@ -167,9 +167,9 @@ DIFFUSERS_CASES = [
      "dpm_solver"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 3, "solver_type": "heun",
                                      "final_sigmas_type": "sigma_min"},
-     ds.solvers.DPMSolver(3, "heun", legacy_third_order=True)),
+     ds.solvers.DPMSolver(solver_order=3, solver_type="heun", legacy_third_order=True)),
     ("DEISMultistepScheduler", {}, "deis"),
-    ("DEISMultistepScheduler", {"solver_order": 1}, ds.solvers.DEIS(1)),
+    ("DEISMultistepScheduler", {"solver_order": 1}, ds.solvers.DEIS(solver_order=1)),
     ("LMSDiscreteScheduler", {}, "lms"),
     ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "lms"),
     ("KDPM2DiscreteScheduler", {}, "dpm_2"),
@@ -219,7 +219,7 @@ def test_diffusers_deis_3_loses_precision_in_float32_coefficients():
         model = GMM.denoiser(p, "eps")
         x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         theirs = peers.run_diffusers(sched, model, x, steps)
-        mine = ds.sample(model, x, peers.diffusers_grid(sched, p), ds.solvers.DEIS(3))
+        mine = ds.sample(model, x, peers.diffusers_grid(sched, p), ds.solvers.DEIS(solver_order=3))
         assert (rel(theirs, mine) < 1e-6) == agree
 
 

@@ -17,39 +17,33 @@ from .overhead import Timing, ratio_rows
 __all__ = ["best_per_nfe", "write_report"]
 
 
-def best_per_nfe(results: list[Result]) -> list[dict]:
-    """For each problem and target NFE: the best configuration of ours and of the peers, and the ratio."""
+def _best_by_budget(items, metric: str) -> list[dict]:
+    """Per (testbed, process, NFE budget): the best of ours and the best peer, by ``metric`` (lower is better)."""
     groups = defaultdict(list)
-    for r in results:
+    for r in items:
         groups[(r.testbed, r.process, r.target_nfe)].append(r)
     rows = []
     for (tb, proc, nfe), rs in sorted(groups.items()):
         ours = [r for r in rs if r.family == "diffsampler"]
         theirs = [r for r in rs if r.family != "diffsampler"]
-        if not ours:
-            continue
-        b_ours = min(ours, key=lambda r: r.rmse)
-        row = {"testbed": tb, "process": proc, "nfe": nfe, "ours": b_ours.config, "ours_nfe": b_ours.nfe,
-               "ours_rmse": b_ours.rmse}
-        if theirs:
-            b_peer = min(theirs, key=lambda r: r.rmse)
-            row.update(peer=f"{b_peer.family}: {b_peer.config}", peer_nfe=b_peer.nfe, peer_rmse=b_peer.rmse,
-                       ratio=b_ours.rmse / b_peer.rmse if b_peer.rmse > 0 else float("nan"))
-        rows.append(row)
+        if ours:
+            rows.append({"testbed": tb, "process": proc, "nfe": nfe,
+                         "ours": min(ours, key=lambda r: getattr(r, metric)),
+                         "peer": min(theirs, key=lambda r: getattr(r, metric)) if theirs else None})
     return rows
 
 
-def _best_dist(dist: list[DistResult]) -> list[dict]:
-    groups = defaultdict(list)
-    for d in dist:
-        groups[(d.testbed, d.process, d.target_nfe)].append(d)
+def best_per_nfe(results: list[Result]) -> list[dict]:
+    """For each problem and target NFE: the best configuration of ours and of the peers, and the ratio."""
     rows = []
-    for (tb, proc, nfe), ds_ in sorted(groups.items()):
-        ours = [d for d in ds_ if d.family == "diffsampler"]
-        theirs = [d for d in ds_ if d.family != "diffsampler"]
-        if ours:
-            rows.append({"testbed": tb, "process": proc, "nfe": nfe, "ours": min(ours, key=lambda d: d.swd),
-                         "peer": min(theirs, key=lambda d: d.swd) if theirs else None})
+    for b in _best_by_budget(results, "rmse"):
+        o, p = b["ours"], b["peer"]
+        row = {"testbed": b["testbed"], "process": b["process"], "nfe": b["nfe"], "ours": o.config,
+               "ours_nfe": o.nfe, "ours_rmse": o.rmse}
+        if p is not None:
+            row.update(peer=f"{p.family}: {p.config}", peer_nfe=p.nfe, peer_rmse=p.rmse,
+                       ratio=o.rmse / p.rmse if p.rmse > 0 else float("nan"))
+        rows.append(row)
     return rows
 
 
@@ -192,7 +186,7 @@ def write_report(results: list[Result], failures: list[Failure], dist: list[Dist
         "| testbed | process | NFE | best diffsampler | SWD | NLL gap | best k-diffusion | SWD | NLL gap |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in _best_dist(dist):
+    for row in _best_by_budget(dist, "swd"):
         peer = (f"{row['peer'].config} | {row['peer'].swd:.3f} | {row['peer'].nll_gap:+.3f}"
                 if row["peer"] else "- | - | -")
         lines.append(f"| {row['testbed']} | {row['process']} | {row['nfe']} | {row['ours'].config} | "

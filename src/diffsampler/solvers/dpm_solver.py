@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from .base import Knots
 from .expint import data_step, dpm_solver_weights
-from .multistep import LinearMultistep, StepPlan, step_orders
+from .multistep import LinearMultistep, OrderedMultistep, StepPlan
 
 __all__ = ["DPMSolver"]
 
 
 @dataclass(frozen=True)
-class DPMSolver(LinearMultistep):
+class DPMSolver(OrderedMultistep, LinearMultistep):
     """Multistep DPM-Solver of ``solver_order`` 1 to 3 on the noise estimate.
 
     The same exponential integrator as DPM-Solver++ but extrapolating ``eps``
@@ -27,9 +27,7 @@ class DPMSolver(LinearMultistep):
     whose first step is first order); 1 NFE per step.
     """
 
-    solver_order: int = 2
     solver_type: str = "midpoint"
-    lower_order_final: bool = True
     legacy_third_order: bool = False
 
     name = "dpm_solver"
@@ -37,21 +35,11 @@ class DPMSolver(LinearMultistep):
     paper = "Lu et al. 2022, arXiv:2206.00927"
 
     def __post_init__(self):
-        self._require(self.solver_order in (1, 2, 3), "solver_order", "1, 2 or 3")
+        super().__post_init__()
         self._require(self.solver_type in ("midpoint", "heun"), "solver_type", "'midpoint' or 'heun'")
-        self._require(isinstance(self.lower_order_final, bool), "lower_order_final", "True or False")
-
-    @property
-    def order(self) -> int:  # type: ignore[override]
-        return self.solver_order
-
-    @property
-    def global_order(self) -> int:
-        return min(self.solver_order, 2)
 
     def plan(self, knots: Knots):
-        orders = step_orders(knots, self.solver_order, "short" if self.lower_order_final else "never")
-        for i, k in enumerate(orders):
+        for i, k in enumerate(self.step_orders(knots)):
             if knots.alpha[i] == 0.0 or not math.isfinite(knots.lam[i]):
                 A, B, _ = data_step(knots, i)
                 yield StepPlan(knots.t[i], A, (B,))

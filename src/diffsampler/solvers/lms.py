@@ -21,6 +21,7 @@ import torch
 from numpy.polynomial import polynomial as P
 
 from .base import Knots, Solver
+from .multistep import OrderedMultistep
 
 __all__ = ["LMS", "DEIS", "lagrange_integrals", "log_lagrange_integrals"]
 
@@ -124,7 +125,7 @@ class LMS(_AdamsBashforth):
 
 
 @dataclass(frozen=True)
-class DEIS(_AdamsBashforth):
+class DEIS(OrderedMultistep, _AdamsBashforth):
     """DEIS rho-AB in log rho (diffusers' ``DEISMultistepScheduler``), ``solver_order`` 1 to 3.
 
     Order 1 is DDIM. With ``lower_order_final`` the last steps drop order on grids
@@ -132,27 +133,11 @@ class DEIS(_AdamsBashforth):
     global order is at most 2 (first-order first step). 1 NFE per step.
     """
 
-    solver_order: int = 2
-    lower_order_final: bool = True
-
     name = "deis"
     paper = "Zhang & Chen 2023, arXiv:2204.13902"
 
-    def __post_init__(self):
-        self._require(self.solver_order in (1, 2, 3), "solver_order", "1, 2 or 3")
-        self._require(isinstance(self.lower_order_final, bool), "lower_order_final", "True or False")
-
-    @property
-    def order(self) -> int:  # type: ignore[override]
-        return self.solver_order
-
-    @property
-    def global_order(self) -> int:
-        return min(self.solver_order, 2)
-
     def _orders(self, knots):
-        from .multistep import step_orders
-        return step_orders(knots, self.solver_order, "short" if self.lower_order_final else "never")
+        return self.step_orders(knots)
 
     def _weights(self, nodes, lo, hi):
         if hi == 0.0:  # log s is unbounded into t = 0: take the Euler step, which returns the data estimate

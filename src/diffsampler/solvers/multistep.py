@@ -20,6 +20,7 @@ serves them all. The tables are built once per grid, in float64.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,7 +28,8 @@ import torch
 from ..denoiser import Prediction
 from .base import Knots, Solver
 
-__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW"]
+__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW",
+           "OrderedMultistep"]
 
 # diffusers' rule for DPM-Solver++: below this many steps the last steps of a multistep
 # solver are taken at lower order, which avoids the artefacts of large final steps.
@@ -108,3 +110,31 @@ class LinearMultistep(Solver):
             out.add_(noise.draw(i), alpha=plan.C)
         return out, MultistepState(state.plans, state.keep, answers[:state.keep],
                                    x if plan.K is not None else None)
+
+
+@dataclass(frozen=True)
+class OrderedMultistep:
+    """Options shared by the multistep methods of selectable order (DPM-Solver, DEIS).
+
+    ``solver_order`` 1 to 3 with warm-up, ``lower_order_final`` with diffusers'
+    rule (below 15 steps). ``order`` is the order of the steps; the first step,
+    first order for lack of history, caps the global order at 2.
+    """
+
+    solver_order: int = 2
+    lower_order_final: bool = True
+
+    def __post_init__(self):
+        self._require(self.solver_order in (1, 2, 3), "solver_order", "1, 2 or 3")
+        self._require(isinstance(self.lower_order_final, bool), "lower_order_final", "True or False")
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return self.solver_order
+
+    @property
+    def global_order(self) -> int:
+        return min(self.solver_order, 2)
+
+    def step_orders(self, knots: Knots) -> list[int]:
+        return step_orders(knots, self.solver_order, "short" if self.lower_order_final else "never")
