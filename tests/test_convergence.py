@@ -66,41 +66,29 @@ def test_empirical_convergence_order(key, testbed, solver_name):
 
 
 @pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
-def test_dpm_solver_3_steps_are_third_order(legacy, exact):
-    """The noise-prediction twin of the test below: exact for a noise estimate quadratic in log-SNR."""
+@pytest.mark.parametrize("kind", ["x0", "eps"])
+def test_third_order_multistep_steps_are_third_order(kind, legacy, exact):
+    """A third-order step is exact when the model's estimate (data for DPM-Solver++(3M), noise for
+    DPM-Solver-3) is quadratic in log-SNR. Ours are; the weight shipped by the DPM-Solver reference code,
+    k-diffusion and diffusers (legacy_third_order) is not."""
     import math
     from scipy.integrate import quad
-    from diffsampler.solvers.expint import dpm_solver_weights
-
-    p = ds.VP.linear()
-    lams = [-1.0, -0.6, -0.3, -0.1]
-    knots = ds.solvers.Knots.from_grid(p, p.t_of_lambda(torch.tensor(lams, dtype=torch.float64)))
-    e = lambda lam: 0.2 - 0.3 * lam + 0.7 * lam * lam  # noqa: E731
-    A, P = dpm_solver_weights(knots, 2, 3, legacy_third_order=legacy)
-    x = 0.4
-    got = A * x + sum(w * e(lam) for w, lam in zip(P, lams[2::-1]))
-    a0, a1 = knots.alpha[2], knots.alpha[3]
-    want = a1 / a0 * x - a1 * quad(lambda lam: math.exp(-lam) * e(lam), lams[2], lams[3], epsabs=1e-14)[0]
-    assert (abs(got - want) < 1e-12) == exact
-
-
-@pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
-def test_dpmpp_3m_steps_are_third_order(legacy, exact):
-    """A third-order step is exact when the data estimate is quadratic in log-SNR. Ours is; the weight
-    shipped by the DPM-Solver++ reference code, k-diffusion and diffusers (legacy_third_order) is not."""
-    import math
-    from scipy.integrate import quad
-    from diffsampler.solvers.expint import dpmpp_weights
+    from diffsampler.solvers.expint import dpm_solver_weights, dpmpp_weights
 
     p = ds.VP.linear()
     lams = [-1.0, -0.6, -0.3, -0.1]
     knots = ds.solvers.Knots.from_grid(p, p.t_of_lambda(torch.tensor(lams, dtype=torch.float64)))
     m = lambda lam: 0.2 - 0.3 * lam + 0.7 * lam * lam  # noqa: E731
-    A, P, _ = dpmpp_weights(knots, 2, 3, legacy_third_order=legacy)
     x = 0.4
+    if kind == "x0":
+        A, P, _ = dpmpp_weights(knots, 2, 3, legacy_third_order=legacy)
+        s0, s1 = knots.sigma[2], knots.sigma[3]
+        want = s1 / s0 * x + s1 * quad(lambda lam: math.exp(lam) * m(lam), lams[2], lams[3], epsabs=1e-14)[0]
+    else:
+        A, P = dpm_solver_weights(knots, 2, 3, legacy_third_order=legacy)
+        a0, a1 = knots.alpha[2], knots.alpha[3]
+        want = a1 / a0 * x - a1 * quad(lambda lam: math.exp(-lam) * m(lam), lams[2], lams[3], epsabs=1e-14)[0]
     got = A * x + sum(w * m(lam) for w, lam in zip(P, lams[2::-1]))
-    s0, s1 = knots.sigma[2], knots.sigma[3]
-    want = s1 / s0 * x + s1 * quad(lambda lam: math.exp(lam) * m(lam), lams[2], lams[3], epsabs=1e-14)[0]
     assert (abs(got - want) < 1e-12) == exact
 
 
