@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2SAncestral
-from .ddim import DDIM, DDPM, EulerAncestral
+from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
 from .dpmpp_sde import DPMppSDE
@@ -17,7 +17,7 @@ from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -29,6 +29,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpm_solver": DPMSolver,
     "deis": DEIS,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
+    "lcm": LCM,
     "lms": LMS,
     "euler_ancestral": EulerAncestral,
     "dpmpp_2m": DPMpp2M,

@@ -8,7 +8,7 @@ from .base import Knots
 from .expint import data_step
 from .multistep import LinearMultistep, StepPlan
 
-__all__ = ["DDIM", "DDPM", "EulerAncestral"]
+__all__ = ["DDIM", "DDPM", "EulerAncestral", "LCM"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,27 @@ class DDPM(DDIM):
 
     name = "ddpm"
     paper = "Ho, Jain & Abbeel 2020, arXiv:2006.11239"
+
+
+@dataclass(frozen=True)
+class LCM(LinearMultistep):
+    """Consistency-model multistep sampling (Song et al. 2023, arXiv:2303.01469, Algorithm 1; LCM's sampler).
+
+    Each step jumps to the model's data estimate and re-noises it afresh to the
+    next time: ``x' = alpha' x0_hat + sigma' z``. Exact at any step count when the
+    model is a consistency function (its x0 is the probability-flow ODE's endpoint);
+    with an ordinary denoiser it is not a consistent solver. 1 NFE per step.
+    """
+
+    name = "lcm"
+    order = 0
+    nfe_per_step = 1
+    paper = "Song et al. 2023, arXiv:2303.01469; Luo et al. 2023, arXiv:2310.04378"
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+    def plan(self, knots: Knots):
+        for i in range(len(knots)):
+            yield StepPlan(knots.t[i], 0.0, (knots.alpha[i + 1],), knots.sigma[i + 1])
