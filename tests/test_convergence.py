@@ -163,3 +163,29 @@ def test_heun_on_flow_integrates_the_velocity_in_t():
         x_euler = x + (t_next - t) * u
         x = x_euler if t_next == 0 else x + (t_next - t) * 0.5 * (u + model(x_euler, t_next).velocity(p, t_next))
     torch.testing.assert_close(ds.sample(model, x_T, g, "heun"), x, rtol=1e-12, atol=1e-12)
+
+
+def test_res_multistep_is_the_published_update():
+    """An independent transcription, in EDM sigma, of RES's multistep update (c2 = -h_prev / h,
+    b2 = phi2(-h) / c2), against the registered solver."""
+    import math
+    p = ds.EDM()
+    model = MIXTURE.denoiser(p, "x0")
+    x_T = p.prior((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = ds.grids.karras(p, 9).tolist()
+    phi1 = lambda v: math.expm1(v) / v  # noqa: E731
+    phi2 = lambda v: (phi1(v) - 1.0) / v  # noqa: E731
+    x, old = x_T.clone(), None
+    for i in range(len(g) - 1):
+        m = model(x, g[i]).x0
+        if old is None or g[i + 1] == 0:
+            x = x + (x - m) / g[i] * (g[i + 1] - g[i])
+        else:
+            t, t_next, t_prev = -math.log(g[i]), -math.log(g[i + 1]), -math.log(g[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t) / h
+            b1, b2 = phi1(-h) - phi2(-h) / c2, phi2(-h) / c2
+            x = math.exp(-h) * x + h * (b1 * m + b2 * old)
+        old = m
+    torch.testing.assert_close(ds.sample(model, x_T, g, "res_multistep"), x, rtol=1e-12, atol=1e-12)
+

@@ -9,7 +9,7 @@ from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2SAncestral
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
-from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE
+from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .lms import DEIS, LMS
@@ -17,7 +17,7 @@ from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -37,6 +37,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_2m_sde": DPMpp2MSDE,
     "dpmpp_sde": DPMppSDE,
     "dpmpp_3m_sde": DPMpp3MSDE,
+    "res_multistep": RESMultistep,
     "unipc": UniPC,
 }
 

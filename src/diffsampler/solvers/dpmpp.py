@@ -14,7 +14,7 @@ from .base import Knots
 from .expint import dpmpp_weights
 from .multistep import LinearMultistep, StepPlan, step_orders
 
-__all__ = ["DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE"]
+__all__ = ["DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "RESMultistep"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,22 @@ class DPMpp3MSDE(DPMpp2MSDE):
 
     name = "dpmpp_3m_sde"
     solver_order = 3
+
+
+@dataclass(frozen=True)
+class RESMultistep(DPMpp2MSDE):
+    """RES second-order multistep (Zhang et al. 2023, arXiv:2308.02157; ComfyUI's ``res_multistep``).
+
+    Its update ``x' = e^{-h} x + h (b1 x0_n + b2 x0_{n-1})`` with ``b2 = phi_2(-h) / c2``,
+    ``c2 = -h_{n-1} / h``, is DPM-Solver++(2M) with the ``"heun"`` (phi_2) second-order
+    term, so it is that weight rule here: ``eta = 0``, no lower-order final step.
+    Order 2, 1 NFE per step.
+    """
+
+    eta: float = 0.0
+    solver_type: str = "heun"
+    lower_order_final: bool = False
+
+    name = "res_multistep"
+    order = 2
+    paper = "Zhang et al. 2023, arXiv:2308.02157"

@@ -61,6 +61,7 @@ class LMSState(NamedTuple):
     scale: tuple[float, ...]
     s: tuple[float, ...]
     coef: tuple[tuple[float, ...], ...]     # per step, weights of d_i, d_{i-1}, ...
+    keep: int                               # how many past derivatives any later step reads
     history: tuple[torch.Tensor, ...]       # past derivatives, most recent first
 
 
@@ -81,7 +82,7 @@ class _AdamsBashforth(Solver):
         for i, k in enumerate(self._orders(knots)):
             nodes = [knots.s[i - j] for j in range(k)]
             coef.append(tuple(self._weights(nodes, knots.s[i], knots.s[i + 1])))
-        return LMSState(knots.t, knots.scale, knots.s, tuple(coef), ())
+        return LMSState(knots.t, knots.scale, knots.s, tuple(coef), max(len(c) for c in coef) - 1, ())
 
     def step(self, model, x, i, state, noise):
         y = x / state.scale[i]
@@ -89,7 +90,7 @@ class _AdamsBashforth(Solver):
         history = (d,) + state.history
         for c, d_j in zip(state.coef[i], history):
             y = y.add(d_j, alpha=c)
-        return y * state.scale[i + 1], state._replace(history=history[: self.order - 1])
+        return y * state.scale[i + 1], state._replace(history=history[: state.keep])
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,4 @@ class DEIS(OrderedMultistep, _AdamsBashforth):
         if hi == 0.0:  # log s is unbounded into t = 0: take the Euler step, which returns the data estimate
             return [-lo]
         return log_lagrange_integrals(nodes, lo, hi)
+
