@@ -156,7 +156,8 @@ class RESMultistep(DPMpp2MSDE):
     Its update ``x' = e^{-h} x + h (b1 x0_n + b2 x0_{n-1})`` with ``b2 = phi_2(-h) / c2``,
     ``c2 = -h_{n-1} / h``, is DPM-Solver++(2M) with the ``"heun"`` (phi_2) second-order
     term, so it is that weight rule here: ``eta = 0``, no lower-order final step.
-    Order 2, 1 NFE per step.
+    Order 2, 1 NFE per step. (``eta > 0`` gives that rule's SDE form, not ComfyUI's
+    ancestral ``res_multistep_ancestral``.)
     """
 
     eta: float = 0.0
