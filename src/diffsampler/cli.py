@@ -94,13 +94,13 @@ def sample(
     if gmm.dim == 2:
         _scatter(gmm, x, path, f"{solver} on {testbed} ({process}, {grid} grid, {steps} steps, NFE {nfe})")
     console.print(f"[bold]{solver}[/] on {testbed} / {proc!r} / {grid} grid, {steps} steps")
-    console.print(f"  NFE                    {nfe}")
-    console.print(f"  time                   {elapsed * 1e3:.1f} ms")
-    label = "endpoint RMSE vs exact ODE" if not solver_obj.stochastic else "RMSE vs ODE (stochastic)"
-    console.print(f"  {label:<22} {rmse:.3e}")
-    console.print(f"  mean NLL               {nll:.4f} (exact samples: {nll_exact:.4f})")
+    label = "endpoint RMSE vs exact ODE" if not solver_obj.stochastic else "RMSE vs exact ODE (stochastic)"
+    rows = [("NFE", f"{nfe}"), ("time", f"{elapsed * 1e3:.1f} ms"), (label, f"{rmse:.3e}"),
+            ("mean NLL", f"{nll:.4f} (exact samples: {nll_exact:.4f})")]
     if gmm.dim == 2:
-        console.print(f"  picture                {path}")
+        rows.append(("picture", str(path)))
+    for name, value in rows:
+        console.print(f"  {name:<31} {value}")
 
 
 def _scatter(gmm, x: torch.Tensor, path: Path, title: str) -> None:
