@@ -67,7 +67,8 @@ def _plot_accuracy(results: list[Result], out: Path) -> list[str]:
     problems = sorted({(r.testbed, r.process) for r in results})
     for tb, proc in problems:
         rs = [r for r in results if r.testbed == tb and r.process == proc]
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        ax.set_prop_cycle(color=list(plt.cm.tab20.colors) + list(plt.cm.tab20b.colors))
         # one line per solver family: the best configuration of that family at each NFE
         lines = defaultdict(dict)
         for r in rs:
