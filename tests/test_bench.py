@@ -42,3 +42,10 @@ def test_quick_bench_writes_the_report(tmp_path):
         assert (tmp_path / "benchmarks" / name).read_bytes()[:4] == b"\x89PNG"
     # two problems (ring8 under VP and flow) at three NFE budgets, summarised from the raw results
     assert data["best_per_nfe"] == json.loads(json.dumps(best_per_nfe(_results(data))))
+
+
+def test_rewrite_reproduces_the_report_from_the_raw_numbers(tmp_path):
+    from diffsampler.bench import rewrite, run
+
+    first = run(quick=True, root=tmp_path, log=lambda s: None).read_text()
+    assert rewrite(tmp_path, log=lambda s: None).read_text() == first

@@ -128,10 +128,14 @@ def _scatter(gmm, x: torch.Tensor, path: Path, title: str) -> None:
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A reduced run (under 2 minutes)."),
     out: Path = typer.Option(Path("."), help="Where BENCHMARKS.md and benchmarks/ are written."),
+    rewrite: bool = typer.Option(False, "--rewrite", help="Only regenerate the report from benchmarks/results.json."),
 ) -> None:
     """Accuracy per NFE and overhead per step against diffusers and k-diffusion; writes BENCHMARKS.md."""
-    from .bench import run
-    run(quick=quick, root=out, log=console.print)
+    from . import bench as _bench
+    if rewrite:
+        _bench.rewrite(out, log=console.print)
+    else:
+        _bench.run(quick=quick, root=out, log=console.print)
 
 
 def main() -> None:

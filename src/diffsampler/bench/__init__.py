@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["run"]
+__all__ = ["run", "rewrite"]
 
 
 def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
@@ -38,3 +38,23 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
 def _cores() -> int:
     import os
     return os.cpu_count() or 1
+
+
+def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
+    """Regenerate BENCHMARKS.md and the plots from ``benchmarks/results.json`` without re-running."""
+    import json
+
+    from .accuracy import Failure, Result
+    from .distribution import DistResult
+    from .overhead import Timing
+    from .report import write_report
+
+    root = Path(root)
+    data = json.loads((root / "benchmarks" / "results.json").read_text())
+    timings = [Timing(**{**t, "shape": tuple(t["shape"])}) for t in data["overhead"]]
+    path = write_report([Result(**r) for r in data["accuracy"]],
+                        [Failure(**f) for f in data.get("peer_failures", [])],
+                        [DistResult(**d) for d in data.get("distribution", [])], timings, root,
+                        data["command"], data["machine"])
+    log(f"rewrote {path} from benchmarks/results.json")
+    return path

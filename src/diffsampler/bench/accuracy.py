@@ -61,6 +61,7 @@ class Result:
     target_nfe: int
     nfe: int
     rmse: float
+    t_start: float | None = None  # where the configuration's grid starts (t_max unless a peer skips ahead)
 
 
 def _vp(schedule: str) -> tuple[VPDiscrete, dict]:
@@ -183,7 +184,7 @@ def run_accuracy(quick: bool = False, n: int = 256,
 
         def record(family, config, target, x, grid, nfe):
             results.append(Result(prob.testbed, prob.process_name, family, config, target, nfe,
-                                  refs.error(x, grid)))
+                                  refs.error(x, grid), float(grid[0])))
 
         for target in nfes:
             for name, cls, grid_name in _our_configs(prob.process):
