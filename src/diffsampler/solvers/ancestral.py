@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Knots, Solver
-from .expint import ancestral_split
+from .expint import ancestral_split, data_move
 from .karras import dpm2_move, frame_point
 
 __all__ = ["DPM2Ancestral", "DPMpp2SAncestral"]
@@ -122,7 +122,7 @@ class DPMpp2SAncestral(_Ancestral):
         x0 = model(x, st.a[0]).x0
         if s_d == 0.0:
             return x0 * a_d
-        # x_b = (sigma_b / sigma_a) x + alpha_b (1 - e^{-h_ab}) x0, with e^{-h_ab} = (alpha_a sigma_b) / (alpha_b sigma_a)
-        x_mid = torch.mul(x, s_m / s_a).add_(x0, alpha=a_m - a_a * s_m / s_a)
-        x0_mid = model(x_mid, st.mid[0]).x0
-        return torch.mul(x, s_d / s_a).add_(x0_mid, alpha=a_d - a_a * s_d / s_a)
+        A, B = data_move(a_a, s_a, a_m, s_m)  # first-order step to the log-SNR midpoint
+        x0_mid = model(torch.mul(x, A).add_(x0, alpha=B), st.mid[0]).x0
+        A, B = data_move(a_a, s_a, a_d, s_d)  # the whole step with the midpoint's estimate
+        return torch.mul(x, A).add_(x0_mid, alpha=B)

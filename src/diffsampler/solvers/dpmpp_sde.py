@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Knots, Solver
-from .expint import ancestral_split_times
+from .expint import ancestral_split_times, data_move
 
 __all__ = ["DPMppSDE"]
 
@@ -33,13 +33,6 @@ class SDEStep(NamedTuple):
 
 class SDEState(NamedTuple):
     steps: tuple[SDEStep, ...]
-
-
-def _data_move(process, t: float, t_to: float) -> tuple[float, float]:
-    """(A, B) of the first-order data-prediction move ``A x + B x0_hat`` from ``t`` to ``t_to``."""
-    a, s = float(process.alpha(t)), abs(float(process.sigma(t)))
-    a2, s2 = float(process.alpha(t_to)), abs(float(process.sigma(t_to)))
-    return s2 / s, a2 - a * s2 / s
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,8 @@ class DPMppSDE(Solver):
             stages = []
             for target in (t_mid, t_next):
                 t_down, keep, c = ancestral_split_times(p, t, target, self.eta)
-                A, B = _data_move(p, t, t_down)
+                A, B = data_move(knots.alpha[i], knots.sigma[i], float(p.alpha(t_down)),
+                                 abs(float(p.sigma(t_down))))
                 stages.append((A, B, keep, c * self.s_noise))
             steps.append(SDEStep(t, t_mid, (knots.s[i], float(p.ode_sigma(t_mid)), knots.s[i + 1]),
                                  stages[0], stages[1], False))

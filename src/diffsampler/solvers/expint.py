@@ -21,8 +21,18 @@ import math
 
 from .base import Knots
 
-__all__ = ["data_step", "dpmpp_weights", "dpm_solver_weights", "unipc_weights", "ancestral_split",
+__all__ = ["data_move", "data_step", "dpmpp_weights", "dpm_solver_weights", "unipc_weights", "ancestral_split",
            "ancestral_split_times"]
+
+
+def data_move(alpha_a: float, sigma_a: float, alpha_b: float, sigma_b: float) -> tuple[float, float]:
+    """``(A, B)`` of the first-order data-prediction move ``x_b = A x_a + B x0_hat`` between any two times.
+
+    ``A = sigma_b / sigma_a`` and ``B = alpha_b - alpha_a sigma_b / sigma_a`` (``alpha_b (1 - e^{-h})``);
+    the DDIM step with ``eta = 0`` between knots is :func:`data_step`.
+    """
+    A = sigma_b / sigma_a
+    return A, alpha_b - alpha_a * A
 
 
 def data_step(knots: Knots, i: int, eta: float = 0.0) -> tuple[float, float, float]:
