@@ -133,7 +133,8 @@ class BrownianNoise(StepNoise):
     pure function of its key: ``W`` is built by dyadic Brownian-bridge bisection
     (Levy's construction), node by node from the keyed generator, to ``depth``
     levels and linearly inside the last one (an error of standard deviation
-    ``2^(-depth/2) / 2`` of the path's scale). Nodes are cached for the run.
+    ``2^(-depth/2) / 2`` of the path's scale). The nodes of the last two paths are
+    kept, so memory stays at ``2 depth`` samples' worth however long the run.
     """
 
     def __init__(self, keys: torch.Tensor, shape, dtype, device, times, lo: float, hi: float, depth: int = 24):
@@ -142,18 +143,26 @@ class BrownianNoise(StepNoise):
             raise ValueError(f"BrownianNoise: need lo < hi, got {lo}, {hi}")
         self.times = [float(t) for t in times]
         self.lo, self.hi, self.depth = float(lo), float(hi), int(depth)
-        self._nodes: dict[tuple[int, int], torch.Tensor] = {}
+        # Nodes of the last two root-to-leaf paths: consecutive queries (the two ends of a
+        # step, then the next step) share most of their path, and memory stays at 2 paths.
+        self._current: dict[tuple[int, int], torch.Tensor] = {}
+        self._previous: dict[tuple[int, int], torch.Tensor] = {}
 
     def _z(self, level: int, index: int) -> torch.Tensor:
         key = (level, index)
-        if key not in self._nodes:
-            # step noise uses counter ids below 2^40; the tree's nodes live above
-            self._nodes[key] = self._normal(((level + 1) << 40) | index).to(torch.float64)
-        return self._nodes[key]
+        z = self._current.get(key)
+        if z is None:
+            z = self._previous.get(key)
+            if z is None:
+                # step noise uses counter ids below 2^40; the tree's nodes live above
+                z = self._normal(((level + 1) << 40) | index).to(torch.float64)
+            self._current[key] = z
+        return z
 
     def _w(self, tau: float) -> torch.Tensor:
         """W at ``tau``, in units where ``W(hi) - W(lo)`` has variance 1 (scaled by the caller)."""
         u = min(max((tau - self.lo) / (self.hi - self.lo), 0.0), 1.0)
+        self._previous, self._current = self._current, {}
         a, b, wa, wb, index = 0.0, 1.0, torch.zeros((), dtype=torch.float64), self._z(0, 0), 0
         for level in range(1, self.depth + 1):
             m = 0.5 * (a + b)
