@@ -104,3 +104,26 @@ def test_bad_range_and_options():
         ds.grids.uniform(ds.EDM(), 5, end="last")
     with pytest.raises(ValueError, match="rho must be > 0"):
         ds.grids.karras(ds.EDM(), 5, rho=0)
+
+
+def test_shift_is_the_sd3_time_shift_and_matches_diffusers():
+    p = ds.Flow()
+    g = ds.grids.shift(p, ds.grids.uniform(p, 8), 3.0)
+    base = ds.grids.uniform(p, 8)
+    torch.testing.assert_close(g, 3 * base / (1 + 2 * base))
+    assert g[0] == 1.0 and g[-1] == 0.0
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(8)
+    t_min = 3 * 0.001 / (1 + 2 * 0.001)
+    ours = ds.grids.shift(ds.Flow(t_min=t_min), ds.grids.uniform(ds.Flow(t_min=t_min), 8), 3.0)
+    torch.testing.assert_close(ours, sched.sigmas.to(torch.float64), rtol=1e-6, atol=1e-7)
+
+
+def test_shift_rejects_what_it_cannot_shift():
+    with pytest.raises(ValueError, match="only flows"):
+        ds.grids.shift(ds.EDM(), ds.grids.karras(ds.EDM(), 4), 2.0)
+    with pytest.raises(ValueError, match="factor must be a finite number > 0"):
+        ds.grids.shift(ds.Flow(), ds.grids.uniform(ds.Flow(), 4), 0.0)
+    with pytest.raises(ValueError, match="must lie in"):  # a shift below 1 pushes t_min out of range
+        ds.grids.shift(ds.Flow(), ds.grids.uniform(ds.Flow(), 4), 0.5)

@@ -223,6 +223,20 @@ def test_diffusers_deis_3_loses_precision_in_float32_coefficients():
         assert (rel(theirs, mine) < 1e-6) == agree
 
 
+@pytest.mark.parametrize("cls_name, ours", [("FlowMatchEulerDiscreteScheduler", "euler"),
+                                            ("FlowMatchHeunDiscreteScheduler", "heun")])
+def test_agrees_with_diffusers_flow_matching_with_shift(cls_name, ours):
+    import diffusers
+    sched = getattr(diffusers, cls_name)(shift=3.0)
+    t_min = 3 * 0.001 / (1 + 2 * 0.001)
+    p = ds.Flow(t_min=t_min)
+    model = GMM.denoiser(p, "velocity")
+    x = p.prior((16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theirs = peers.run_diffusers_flow(sched, model, x, 10)
+    mine = ds.sample(model, x, ds.grids.shift(p, ds.grids.uniform(p, 10), 3.0), ours)
+    assert rel(theirs, mine) < 1e-6
+
+
 def test_diffusers_unipc_bh1_into_zero_is_nan():
     """Documented difference: diffusers' UniPC with solver_type="bh1" and its default final_sigmas_type="zero"
     returns NaN: on the last step B(h) = h is infinite and is multiplied by a zero correction. Ours takes

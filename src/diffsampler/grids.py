@@ -16,7 +16,7 @@ import torch
 
 from .process import Process
 
-__all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "validate", "get", "names", "GRIDS"]
+__all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "shift", "validate", "get", "names", "GRIDS"]
 
 ENDS = ("zero", "min")
 
@@ -95,6 +95,26 @@ def quadratic(process: Process, steps: int, *, end: str = "zero", t_max=None, t_
     """Uniform in ``sqrt(t)`` (DDIM's ``quad`` and DPM-Solver's ``time_quadratic``)."""
     return _build(process, steps, end, t_max, t_min,
                   lambda hi, lo, n: torch.linspace(hi ** 0.5, lo ** 0.5, n, dtype=torch.float64) ** 2)
+
+
+def shift(process: Process, grid, factor: float) -> torch.Tensor:
+    """A flow grid with its noise levels shifted: ``t -> factor t / (1 + (factor - 1) t)``.
+
+    The resolution-dependent shift of rectified-flow models (Esser et al. 2024,
+    SD3, section 5.3.2; diffusers' ``shift``/``flow_shift``): ``factor > 1`` spends
+    more steps at high noise. It maps [0, 1] onto itself, so it applies to
+    processes whose time is the noise fraction (:class:`~diffsampler.Flow`).
+    diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)`` visits
+    ``shift(uniform(Flow(t_min=shift_of(1/1000)), n), s)``.
+    """
+    from .process import Flow
+
+    if not isinstance(process, Flow):
+        raise ValueError(f"shift: only flows (time in [0, 1] as the noise fraction) can be shifted, got {process!r}")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"shift: factor must be a finite number > 0, got {factor!r}")
+    g = validate(process, grid)
+    return validate(process, factor * g / (1.0 + (factor - 1.0) * g))
 
 
 def explicit(process: Process, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
