@@ -24,7 +24,7 @@ from ..denoiser import Denoiser
 from ..process import Process, VPDiscrete
 
 __all__ = ["kdiffusion_sampling", "kdiffusion_denoiser", "run_kdiffusion", "run_diffusers",
-           "diffusers_grid", "peers_available"]
+           "diffusers_grid", "run_diffusers_flow", "diffusers_flow_grid", "vp_process_of"]
 
 
 def _append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
@@ -49,17 +49,6 @@ def kdiffusion_sampling():
         sys.modules["k_diffusion.utils"] = utils
         sys.modules["k_diffusion"].utils = utils
     return importlib.import_module("k_diffusion.sampling")
-
-
-def peers_available() -> dict[str, bool]:
-    found = {}
-    try:
-        kdiffusion_sampling()
-        found["k-diffusion"] = True
-    except ImportError:
-        found["k-diffusion"] = False
-    found["diffusers"] = importlib.util.find_spec("diffusers") is not None
-    return found
 
 
 # -- k-diffusion -------------------------------------------------------------

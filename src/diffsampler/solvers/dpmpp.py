@@ -22,28 +22,20 @@ class _DPMppMultistep(LinearMultistep):
     lower_order_final: bool = True
 
     solver_order = 2
+    # Plain class attributes: the deterministic solvers use these values, the SDE and
+    # third-order ones redeclare them as options (dataclass fields).
+    eta = 0.0
+    s_noise = 1.0
+    solver_type = "midpoint"
+    legacy_third_order = False
 
     def __post_init__(self):
         self._require(isinstance(self.lower_order_final, bool), "lower_order_final", "True or False")
-        self._check_options()
-
-    def _check_options(self):
-        pass
-
-    def _eta(self) -> float:
-        return 0.0
-
-    def _second_order(self) -> str:
-        return "midpoint"
-
-    def _s_noise(self) -> float:
-        return 1.0
 
     def plan(self, knots: Knots):
         orders = step_orders(knots, self.solver_order, "short" if self.lower_order_final else "never")
         for i, k in enumerate(orders):
-            A, P, C = dpmpp_weights(knots, i, k, self._eta(), self._second_order(), self._s_noise(),
-                                    getattr(self, "legacy_third_order", False))
+            A, P, C = dpmpp_weights(knots, i, k, self.eta, self.solver_type, self.s_noise, self.legacy_third_order)
             yield StepPlan(knots.t[i], A, P, C)
 
 
@@ -116,7 +108,8 @@ class DPMpp2MSDE(_DPMppMultistep):
     paper = "Lu et al. 2022, arXiv:2211.01095 (SDE form as in k-diffusion)"
     solver_order = 2
 
-    def _check_options(self):
+    def __post_init__(self):
+        super().__post_init__()
         self._require_finite_nonneg("eta")
         self._require_finite_nonneg("s_noise")
         self._require(self.solver_type in ("midpoint", "heun"), "solver_type", "'midpoint' or 'heun'")
@@ -124,15 +117,6 @@ class DPMpp2MSDE(_DPMppMultistep):
     @property
     def stochastic(self) -> bool:
         return self.eta > 0 and self.s_noise > 0
-
-    def _eta(self):
-        return self.eta
-
-    def _second_order(self):
-        return self.solver_type
-
-    def _s_noise(self):
-        return self.s_noise
 
 
 @dataclass(frozen=True)
