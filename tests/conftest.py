@@ -1,6 +1,5 @@
 """Shared fixtures and helpers: the processes under test, the solver lists, statistical sizes."""
 
-import math
 import os
 
 import pytest

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffsampler as ds
-from conftest import CORE_PROCESSES, PROCESSES, make_process, stat_size
+from conftest import PROCESSES, make_process, stat_size
 
 
 def test_denoiser_is_tweedie_of_the_density():

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from .base import Knots, Solver
 from .expint import ancestral_split, data_move
-from .karras import dpm2_move, frame_point
+from .karras import dpm2_move, dpm2_plan, frame_point
 
 __all__ = ["DPM2Ancestral", "DPMpp2SAncestral"]
 
 
 class AncestralStep(NamedTuple):
-    a: tuple[float, float, float]      # start (t, ode_scale, ode_sigma)
-    mid: tuple[float, float, float]    # the intermediate evaluation point
-    down: tuple[float, float, float]   # where the deterministic move ends
-    alpha: tuple[float, float, float]  # alpha at a, mid, down (for the log-SNR form)
-    sigma: tuple[float, float, float]  # sigma at a, mid, down
+    move: Any                          # the deterministic move to t_down, precomputed by the subclass
     keep: float                        # x' = keep * x_down + c z
     c: float
 
@@ -60,17 +56,18 @@ class _Ancestral(Solver):
             t_down, keep, c = ancestral_split(knots, i, self.eta)
             a, down = frame_point(p, knots.t[i]), frame_point(p, t_down)
             mid = frame_point(p, self._midpoint(p, knots.t[i], t_down)) if t_down > 0 else down
-            ts = (a[0], mid[0], down[0])
-            steps.append(AncestralStep(a, mid, down, tuple(float(p.alpha(t)) for t in ts),
-                                       tuple(abs(float(p.sigma(t))) for t in ts), keep, c * self.s_noise))
+            steps.append(AncestralStep(self._plan_move(p, a, mid, down), keep, c * self.s_noise))
         return AncestralState(tuple(steps))
 
-    def _move(self, model, x, st: AncestralStep) -> torch.Tensor:
+    def _plan_move(self, process, a, mid, down):
+        raise NotImplementedError
+
+    def _move(self, model, x, move) -> torch.Tensor:
         raise NotImplementedError
 
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
-        x = self._move(model, x, st)  # always a fresh tensor, so in-place updates are safe
+        x = self._move(model, x, st.move)  # always a fresh tensor, so in-place updates are safe
         if st.keep != 1.0:
             x.mul_(st.keep)
         if st.c != 0.0:
@@ -94,8 +91,11 @@ class DPM2Ancestral(_Ancestral):
         s = math.sqrt(float(process.ode_sigma(a_t)) * float(process.ode_sigma(down_t)))
         return float(process.t_of_ode_sigma(s))
 
-    def _move(self, model, x, st):
-        return dpm2_move(model, x, st.a, st.mid, st.down)
+    def _plan_move(self, process, a, mid, down):
+        return dpm2_plan(a, mid, down)
+
+    def _move(self, model, x, move):
+        return dpm2_move(model, x, move)
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,20 @@ class DPMpp2SAncestral(_Ancestral):
     def _midpoint(self, process, a_t, down_t):
         return float(process.t_of_lambda(0.5 * (float(process.lambda_(a_t)) + float(process.lambda_(down_t)))))
 
-    def _move(self, model, x, st):
-        (a_a, a_m, a_d), (s_a, s_m, s_d) = st.alpha, st.sigma
-        x0 = model(x, st.a[0]).x0
-        if s_d == 0.0:
-            return x0 * a_d
-        A, B = data_move(a_a, s_a, a_m, s_m)  # first-order step to the log-SNR midpoint
-        x0_mid = model(torch.mul(x, A).add_(x0, alpha=B), st.mid[0]).x0
-        A, B = data_move(a_a, s_a, a_d, s_d)  # the whole step with the midpoint's estimate
-        return torch.mul(x, A).add_(x0_mid, alpha=B)
+    def _plan_move(self, process, a, mid, down):
+        alpha = lambda t: float(process.alpha(t))  # noqa: E731
+        sigma = lambda t: abs(float(process.sigma(t)))  # noqa: E731
+        (t_a, _, _), (t_m, _, _), (t_d, _, _) = a, mid, down
+        if sigma(t_d) == 0.0:
+            return (t_a, t_m, None, (0.0, alpha(t_d)))
+        # first-order step to the log-SNR midpoint, then the whole step with the midpoint's estimate
+        return (t_a, t_m, data_move(alpha(t_a), sigma(t_a), alpha(t_m), sigma(t_m)),
+                data_move(alpha(t_a), sigma(t_a), alpha(t_d), sigma(t_d)))
+
+    def _move(self, model, x, move):
+        t_a, t_m, to_mid, whole = move
+        x0 = model(x, t_a).x0
+        if to_mid is None:
+            return x0 * whole[1]
+        x0_mid = model(torch.mul(x, to_mid[0]).add_(x0, alpha=to_mid[1]), t_m).x0
+        return torch.mul(x, whole[0]).add_(x0_mid, alpha=whole[1])

@@ -25,7 +25,7 @@ import torch
 
 from .base import Knots, Solver
 
-__all__ = ["Euler", "Heun", "DPM2", "frame_point", "frame_euler"]
+__all__ = ["Euler", "Heun", "DPM2", "frame_point", "frame_euler", "dpm2_plan", "dpm2_move"]
 
 
 def frame_point(process, t: float) -> tuple[float, float, float]:
@@ -53,6 +53,8 @@ class KarrasStep(NamedTuple):
     scale_next: float   # ode_scale and ode_sigma at t_{i+1}
     s_next: float
     t_next: float
+    euler: tuple[float, float]                 # x_next = w_x x_hat + w_m x0 (Euler)
+    heun: tuple[float, float, float, float]    # Heun's weights of x_hat, x0, x_euler, x0_next
 
 
 class KarrasState(NamedTuple):
@@ -95,8 +97,14 @@ class _ChurnedSolver(Solver):
                     t_hat = t
             scale_hat, s_hat = ((knots.scale[i], s) if t_hat == t else
                                 (float(proc.ode_scale(t_hat)), float(proc.ode_sigma(t_hat))))
-            steps.append(KarrasStep(t_hat, keep, noise, scale_hat, s_hat,
-                                    knots.scale[i + 1], knots.s[i + 1], knots.t[i + 1]))
+            c1, s1 = knots.scale[i + 1], knots.s[i + 1]
+            # Heun: y' = y + (s' - s)(d1 + d2) / 2 with y = x / scale and d = (y - x0) / s,
+            # written as weights of x_hat, x0, the Euler point and the model's x0 there.
+            half = 0.5 * (s1 - s_hat)
+            heun = ((c1 / scale_hat * (1.0 + half / s_hat), -c1 * half / s_hat, half / s1, -c1 * half / s1)
+                    if s1 > 0 else (0.0, 0.0, 0.0, 0.0))
+            steps.append(KarrasStep(t_hat, keep, noise, scale_hat, s_hat, c1, s1, knots.t[i + 1],
+                                    frame_euler(scale_hat, s_hat, c1, s1), heun))
         return KarrasState(tuple(steps))
 
     @staticmethod
@@ -122,7 +130,7 @@ class Euler(_ChurnedSolver):
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
-        wx, wm = frame_euler(st.scale_hat, st.s_hat, st.scale_next, st.s_next)
+        wx, wm = st.euler
         return torch.mul(x, wx).add_(model(x, st.t_hat).x0, alpha=wm), state
 
 
@@ -143,44 +151,52 @@ class Heun(_ChurnedSolver):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
         x0 = model(x, st.t_hat).x0
-        # The Euler predictor, then the trapezoidal corrector, both written on x:
-        # with y = x / scale and d = (y - x0) / s, y' = y + (s' - s)(d1 + d2) / 2.
-        wx, wm = frame_euler(st.scale_hat, st.s_hat, st.scale_next, st.s_next)
+        wx, wm = st.euler
         x_euler = torch.mul(x, wx).add_(x0, alpha=wm)
         if st.s_next == 0.0:
             return x_euler, state
         x0_next = model(x_euler, st.t_next).x0
-        half = 0.5 * (st.s_next - st.s_hat)
-        out = torch.mul(x, st.scale_next / st.scale_hat * (1.0 + half / st.s_hat))
-        out.add_(x0, alpha=-st.scale_next * half / st.s_hat)
-        out.add_(x_euler, alpha=half / st.s_next)
-        out.add_(x0_next, alpha=-st.scale_next * half / st.s_next)
+        w_x, w_m, w_e, w_n = st.heun
+        out = torch.mul(x, w_x).add_(x0, alpha=w_m).add_(x_euler, alpha=w_e).add_(x0_next, alpha=w_n)
         return out, state
+
+
+class DPM2Move(NamedTuple):
+    """Precomputed DPM-Solver-2 move from point ``a`` to ``b`` via ``mid`` (see :func:`dpm2_move`)."""
+
+    t_a: float
+    t_mid: float
+    to_mid: tuple[float, float]            # x_mid = w_x x + w_m x0 (or the whole Euler step into s_b = 0)
+    final: tuple[float, float, float]      # x_b = w_x x + w_mid x_mid + w_m x0_mid (zeros for a step into 0)
+    into_zero: bool
+
+
+def dpm2_plan(a: tuple, mid: tuple, b: tuple) -> DPM2Move:
+    """Weights of one DPM-Solver-2 step (k-diffusion's ``sample_dpm_2``) between ``(t, ode_scale, ode_sigma)`` points.
+
+    Euler to the midpoint, then the whole step with the midpoint's derivative:
+    ``y_b = y_a + (s_b - s_a)(y_mid - x0_mid) / s_mid``. Into ``s_b = 0`` it is a plain Euler step.
+    """
+    (t_a, c_a, s_a), (t_m, c_m, s_m), (_, c_b, s_b) = a, mid, b
+    if s_b == 0.0:
+        return DPM2Move(t_a, t_m, frame_euler(c_a, s_a, c_b, s_b), (0.0, 0.0, 0.0), True)
+    k = c_b * (s_b - s_a) / s_m
+    return DPM2Move(t_a, t_m, frame_euler(c_a, s_a, c_m, s_m), (c_b / c_a, k / c_m, -k), False)
+
+
+def dpm2_move(model, x: torch.Tensor, move: DPM2Move) -> torch.Tensor:
+    x0 = model(x, move.t_a).x0
+    wx, wm = move.to_mid
+    x_mid = torch.mul(x, wx).add_(x0, alpha=wm)
+    if move.into_zero:
+        return x_mid
+    w_x, w_mid, w_m = move.final
+    return torch.mul(x, w_x).add_(x_mid, alpha=w_mid).add_(model(x_mid, move.t_mid).x0, alpha=w_m)
 
 
 class DPM2State(NamedTuple):
     steps: tuple[KarrasStep, ...]
-    mids: tuple[tuple[float, float, float], ...]  # (t, ode_scale, ode_sigma) of each step's midpoint
-
-
-def dpm2_move(model, x: torch.Tensor, a: tuple, mid: tuple, b: tuple) -> torch.Tensor:
-    """One DPM-Solver-2 step (k-diffusion's ``sample_dpm_2``) from point ``a`` to ``b`` via ``mid``.
-
-    Points are ``(t, ode_scale, ode_sigma)``. Euler to the midpoint, then the whole
-    step with the midpoint's derivative; into ``s_b = 0`` it is a plain Euler step.
-    """
-    (t_a, c_a, s_a), (t_b, c_b, s_b) = a, b
-    x0 = model(x, t_a).x0
-    if s_b == 0.0:
-        wx, wm = frame_euler(c_a, s_a, c_b, s_b)
-        return torch.mul(x, wx).add_(x0, alpha=wm)
-    t_m, c_m, s_m = mid
-    wx, wm = frame_euler(c_a, s_a, c_m, s_m)
-    x_mid = torch.mul(x, wx).add_(x0, alpha=wm)
-    x0_mid = model(x_mid, t_m).x0
-    # y_b = y_a + (s_b - s_a) (y_mid - x0_mid) / s_mid
-    k = c_b * (s_b - s_a) / s_m
-    return torch.mul(x, c_b / c_a).add_(x_mid, alpha=k / c_m).add_(x0_mid, alpha=-k)
+    moves: tuple[DPM2Move, ...]
 
 
 @dataclass(frozen=True)
@@ -200,18 +216,14 @@ class DPM2(_ChurnedSolver):
     def init(self, knots: Knots, x: torch.Tensor) -> DPM2State:
         base = super().init(knots, x)
         proc = knots.process
-        mids = []
+        moves = []
         for st in base.steps:
-            if st.s_next == 0.0:
-                mids.append((st.t_next, st.scale_next, 0.0))
-                continue
-            s_mid = math.sqrt(st.s_hat * st.s_next)  # the midpoint of log sigma
-            mids.append(frame_point(proc, float(proc.t_of_ode_sigma(s_mid))))
-        return DPM2State(base.steps, tuple(mids))
+            a, b = (st.t_hat, st.scale_hat, st.s_hat), (st.t_next, st.scale_next, st.s_next)
+            # the midpoint of log sigma
+            mid = frame_point(proc, float(proc.t_of_ode_sigma(math.sqrt(st.s_hat * st.s_next)))) if st.s_next else b
+            moves.append(dpm2_plan(a, mid, b))
+        return DPM2State(base.steps, tuple(moves))
 
     def step(self, model, x, i, state, noise):
-        st = state.steps[i]
-        x = self._churn(x, i, st, noise)
-        a = (st.t_hat, st.scale_hat, st.s_hat)
-        b = (st.t_next, st.scale_next, st.s_next)
-        return dpm2_move(model, x, a, state.mids[i], b), state
+        x = self._churn(x, i, state.steps[i], noise)
+        return dpm2_move(model, x, state.moves[i]), state
