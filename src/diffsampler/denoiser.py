@@ -119,19 +119,26 @@ class Denoiser:
         Maps process time to the network's time input. Defaults to
         ``process.time_input`` (integer-like timesteps for discrete VP, sigma for
         EDM, t for continuous VP and flows).
+    null:
+        For conditional networks: maps the conditioning keywords of a call to those
+        of the unconditional call (classifier-free guidance's null condition).
 
     ``nfe`` counts the network evaluations made through this object.
     """
 
     def __init__(self, fn: Callable, process: Process, prediction: str = "eps", *,
-                 time_input: Callable | None = None, name: str | None = None):
+                 time_input: Callable | None = None, name: str | None = None,
+                 null: Callable[[dict], dict] | None = None):
         if not callable(fn):
             raise TypeError(f"Denoiser: fn must be callable, got {type(fn).__name__}")
         if not isinstance(process, Process):
             raise TypeError(f"Denoiser: process must be a diffsampler Process, got {type(process).__name__}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"Denoiser: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if null is not None and not callable(null):
+            raise TypeError(f"Denoiser: null must be callable (conditioning -> null conditioning), got {null!r}")
         self.fn = fn
+        self.null = null
         self.process = process
         self.prediction = prediction
         self.time_input = time_input if time_input is not None else process.time_input

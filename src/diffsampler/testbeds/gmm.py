@@ -50,7 +50,12 @@ class GaussianMixture:
         Zero variances are allowed (a point mass is a Gaussian of zero covariance).
     weights: (K,) positive mixture weights, normalised here; uniform by default.
     labels: (K,) integer class of each component, for class-conditional use.
+        A ``label`` of ``NULL_LABEL`` (-1) in a call means "no class" for that sample
+        (the unconditional mixture), which makes the mixture's denoiser usable with
+        classifier-free guidance.
     """
+
+    NULL_LABEL = -1
 
     def __init__(self, means, covs, weights=None, labels=None):
         mu = torch.as_tensor(means, dtype=torch.float64)
@@ -105,9 +110,10 @@ class GaussianMixture:
         if lab.shape != (batch,):
             raise ValueError(f"GaussianMixture: label must be one class or one per sample ({batch}), "
                              f"got shape {tuple(lab.shape)}")
-        if bool(((lab < 0) | (lab >= self.n_classes)).any()):
-            raise ValueError(f"GaussianMixture: labels must be in [0, {self.n_classes}), got {lab.unique().tolist()}")
-        keep = self.labels[None, :] == lab[:, None]
+        if bool(((lab < self.NULL_LABEL) | (lab >= self.n_classes)).any()):
+            raise ValueError(f"GaussianMixture: labels must be in [0, {self.n_classes}) or NULL_LABEL "
+                             f"({self.NULL_LABEL}), got {lab.unique().tolist()}")
+        keep = (self.labels[None, :] == lab[:, None]) | (lab[:, None] == self.NULL_LABEL)
         masked = torch.where(keep, lw, torch.full_like(lw, -math.inf))
         return masked - torch.logsumexp(masked, dim=-1, keepdim=True)  # the class-conditional weights
 
@@ -188,8 +194,15 @@ class GaussianMixture:
             out = Prediction(x0, eps).as_(prediction, process, t)
             return out.to(dtype=x.dtype, device=x.device)
 
+        def null(cond: dict) -> dict:
+            label = cond.get("label")
+            if label is None:
+                return dict(cond)
+            return {**cond, "label": torch.full_like(torch.as_tensor(label), self.NULL_LABEL)}
+
         exact.__name__ = f"gmm_exact_{prediction}"
-        return Denoiser(exact, process, prediction, time_input=lambda t: t)
+        return Denoiser(exact, process, prediction, time_input=lambda t: t,
+                        null=null if self.labels is not None else None)
 
     def sample(self, n: int, generator: torch.Generator | None = None, label=None):
         """Exact samples of the data: ``(x0 (n, d) float64, component index (n,))``."""

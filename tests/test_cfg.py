@@ -1,0 +1,134 @@
+"""Classifier-free guidance: its definition, rescale, interval, batching and composition.
+
+The class-conditional Gaussian mixture's exact denoiser is the model; its null
+label gives the unconditional mixture exactly.
+"""
+
+import pytest
+import torch
+
+import diffsampler as ds
+from conftest import SOLVER_CONFIGS, config_id
+
+GMM = ds.testbeds.GaussianMixture([[2.0, 0.0], [-1.5, 1.5], [0.0, -2.0]], [0.3, 0.2, 0.4], labels=[0, 1, 1])
+
+
+class Counting:
+    """A Denoiser's network that records the batch sizes it was called with."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __call__(self, x, time, **cond):
+        self.batches.append(x.shape[0])
+        return self.model.fn(x, time, **cond)
+
+
+def _setup(prediction="eps", process=None):
+    p = process or ds.VP.scaled_linear()
+    base = GMM.denoiser(p, prediction)
+    net = Counting(base)
+    model = ds.Denoiser(net, p, prediction, time_input=base.time_input, null=base.null)
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    label = torch.tensor([0, 1, 0, 1, 1, 0])
+    return p, model, net, x, label
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "velocity"])
+def test_cfg_is_its_definition_in_one_network_call(prediction):
+    p, model, net, x, label = _setup(prediction, ds.Flow() if prediction == "velocity" else None)
+    t = 0.5
+    c = model(x, t, label=label)
+    u = model(x, t, label=torch.full_like(label, GMM.NULL_LABEL))
+    net.batches.clear()
+    g = ds.guidance.cfg(model, 3.5)(x, t, label=label)
+    assert net.batches == [12]  # both passes in one call on a doubled batch
+    torch.testing.assert_close(g.x0, u.x0 + 3.5 * (c.x0 - u.x0))
+    torch.testing.assert_close(g.eps, u.eps + 3.5 * (c.eps - u.eps))
+    torch.testing.assert_close(float(p.alpha(t)) * g.x0 + float(p.sigma(t)) * g.eps, x)
+
+
+def test_scale_one_is_the_conditional_model_exactly_and_costs_one_pass():
+    _, model, net, x, label = _setup()
+    c = model(x, 0.3, label=label)
+    net.batches.clear()
+    g = ds.guidance.cfg(model, 1.0)(x, 0.3, label=label)
+    assert net.batches == [6]
+    assert torch.equal(g.x0, c.x0) and torch.equal(g.eps, c.eps)
+
+
+def test_guidance_interval_uses_the_conditional_model_outside():
+    p, model, net, x, label = _setup()
+    sigma = lambda t: float(p.ode_sigma(t))  # noqa: E731
+    guided = ds.guidance.cfg(model, 2.0, interval=(sigma(0.6), sigma(0.3)))
+    for t, inside in ((0.8, False), (0.6, True), (0.45, True), (0.3, False), (0.1, False)):
+        net.batches.clear()
+        out = guided(x, t, label=label)
+        reference = ds.guidance.cfg(model, 2.0 if inside else 1.0)(x, t, label=label)
+        assert net.batches[0] == (12 if inside else 6)
+        torch.testing.assert_close(out.x0, reference.x0, rtol=0, atol=0)
+    # Per-sample times: each sample guided or not by its own time.
+    times = torch.tensor([0.8, 0.45, 0.1, 0.5, 0.3, 0.59], dtype=torch.float64)
+    out = guided(x, times, label=label)
+    for k, t in enumerate(times.tolist()):
+        inside = sigma(0.3) < sigma(t) <= sigma(0.6)
+        one = ds.guidance.cfg(model, 2.0 if inside else 1.0)(x[k:k + 1], t, label=label[k:k + 1])
+        torch.testing.assert_close(out.x0[k:k + 1], one.x0)
+
+
+@pytest.mark.parametrize("space", ["x0", "eps"])
+def test_rescale_matches_its_definition(space):
+    p, model, _, x, label = _setup()
+    t, w, phi = 0.4, 5.0, 0.7
+    c = model(x, t, label=label)
+    u = model(x, t, label=torch.full_like(label, GMM.NULL_LABEL))
+    plain = ds.guidance.cfg(model, w)(x, t, label=label)
+    out = ds.guidance.cfg(model, w, rescale=phi, rescale_space=space)(x, t, label=label)
+    guided, cond = (plain.x0, c.x0) if space == "x0" else (plain.eps, c.eps)
+    matched = guided * cond.std(dim=1, keepdim=True) / guided.std(dim=1, keepdim=True)
+    expected = phi * matched + (1 - phi) * guided
+    torch.testing.assert_close(out.x0 if space == "x0" else out.eps, expected)
+    torch.testing.assert_close(float(p.alpha(t)) * out.x0 + float(p.sigma(t)) * out.eps, x)
+    # phi = 1: the per-sample standard deviation is the conditional one.
+    full = ds.guidance.cfg(model, w, rescale=1.0, rescale_space=space)(x, t, label=label)
+    torch.testing.assert_close((full.x0 if space == "x0" else full.eps).std(dim=1), cond.std(dim=1))
+    del u
+
+
+def test_cfg_with_scale_one_samples_the_conditional_model_with_every_solver():
+    p, model, _, x, label = _setup()
+    grid = ds.grids.karras(p, 8)
+    for name in ("ddim", "dpmpp_2m", "heun", "unipc"):
+        a = ds.sample(ds.guidance.cfg(model, 1.0), x, grid, name, label=label)
+        b = ds.sample(model, x, grid, name, label=label)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("config", SOLVER_CONFIGS, ids=config_id)
+def test_every_solver_runs_with_guidance_and_counts_one_call_per_evaluation(config):
+    p, model, _, x, label = _setup()
+    solver = ds.solvers.get(config[0], **config[1])
+    guided = ds.guidance.clip_x0(ds.guidance.cfg(model, 2.5, rescale=0.5), 4.0)
+    grid = ds.grids.karras(p, 6)
+    out = ds.sample(guided, x, grid, solver, generator=torch.Generator().manual_seed(1), label=label)
+    assert bool(torch.isfinite(out).all())
+    guided_calls, model.nfe = model.nfe, 0
+    ds.sample(model, x, grid, solver, generator=torch.Generator().manual_seed(1), label=label)
+    assert guided_calls == model.nfe  # both passes of every evaluation in one network call
+
+
+def test_cfg_errors_name_the_argument_and_what_is_allowed():
+    _, model, _, x, label = _setup()
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ds.guidance.cfg(model, float("nan"))
+    with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\]"):
+        ds.guidance.cfg(model, 2.0, rescale=1.5)
+    with pytest.raises(ValueError, match="rescale_space must be 'x0' or 'eps'"):
+        ds.guidance.cfg(model, 2.0, rescale_space="v")
+    with pytest.raises(ValueError, match="interval must be"):
+        ds.guidance.cfg(model, 2.0, interval=(0.1, 1.0))
+    bare = ds.Denoiser(model.fn, model.process, "eps", time_input=model.time_input)
+    with pytest.raises(ValueError, match="no null condition"):
+        ds.guidance.cfg(bare, 2.0)(x, 0.5, label=label)
+    with pytest.raises(ValueError, match="same in every pass"):
+        ds.guidance.cfg(bare, 2.0, uncond={"label": -1})(x, 0.5, label=0)
