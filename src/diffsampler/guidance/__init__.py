@@ -1,11 +1,14 @@
 """Transforms of a Denoiser: functions ``Denoiser -> Denoiser`` that compose with every solver.
 
-Classifier-free guidance (with rescale and the guidance interval) and the x0
-corrections of the peers, static clipping and dynamic thresholding.
+Classifier-free guidance (with rescale and the guidance interval), classifier
+guidance, autoguidance, and the x0 corrections of the peers, static clipping and
+dynamic thresholding.
 """
 
+from .autoguidance import autoguidance
 from .base import DenoiserTransform
 from .cfg import cfg
+from .classifier import classifier_guidance
 from .thresholding import clip_x0, dynamic_threshold
 
-__all__ = ["DenoiserTransform", "cfg", "clip_x0", "dynamic_threshold"]
+__all__ = ["DenoiserTransform", "cfg", "classifier_guidance", "autoguidance", "clip_x0", "dynamic_threshold"]

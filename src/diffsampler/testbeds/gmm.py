@@ -171,6 +171,20 @@ class GaussianMixture:
         onehot = torch.nn.functional.one_hot(self.labels, self.n_classes).to(torch.float64)
         return resp @ onehot
 
+    def noisy_classifier(self, process: Process):
+        """``classifier(x, time) -> log p(c | x_t)`` (``(batch, n_classes)``), ``time`` the process time.
+
+        The exact noise-conditioned classifier, differentiable in ``x``: the one
+        classifier guidance at scale 1 turns the unconditional model into the
+        class-conditional one.
+        """
+        def log_posterior(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+            t = time.to(torch.float64).cpu()
+            t = float(t[0]) if bool((t == t[0]).all()) else t
+            return self.class_posterior(x, process, t).clamp_min(1e-300).log()
+
+        return log_posterior
+
     # -- models and samples -------------------------------------------------
     def denoiser(self, process: Process, prediction: str = "eps") -> Denoiser:
         """A :class:`Denoiser` whose network is this mixture's exact prediction of type ``prediction``.

@@ -1,0 +1,98 @@
+"""Guidance by a classifier: classifier guidance and gradient-free classifier guidance.
+
+Classifier guidance (Dhariwal & Nichol, 2021, arXiv:2105.05233, section 4; the
+score form of Song et al., 2021): with a noise-conditioned classifier
+``log p(y | x_t)``, the guided noise estimate is
+``eps - scale * sigma(t) * grad_x log p(y | x_t)``. At scale 1 with the exact
+classifier this is exactly the class-conditional model, because
+``grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from ..denoiser import Prediction, _broadcast
+from .base import DenoiserTransform
+from .cfg import _check_scale
+
+__all__ = ["classifier_guidance"]
+
+
+def _label_of(cond: dict, key: str, batch: int, who: str) -> torch.Tensor:
+    if key not in cond:
+        raise ValueError(f"{who}: the class to guide towards must be passed as {key}= (a LongTensor of "
+                         "one class per sample, or one class)")
+    label = torch.as_tensor(cond[key], dtype=torch.long)
+    if label.ndim == 0:
+        label = label.expand(batch)
+    if label.shape != (batch,):
+        raise ValueError(f"{who}: {key} must be one class or one per sample ({batch}), got shape "
+                         f"{tuple(label.shape)}")
+    return label
+
+
+def time_tensor(t, x: torch.Tensor) -> torch.Tensor:
+    """Process time as a tensor of shape ``(batch,)``: float64 for float64 samples, else float32
+    (the classifiers' time input, as a Denoiser hands time to its network)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(t, torch.Tensor) and t.ndim > 0:
+        return t.to(device=x.device, dtype=dtype)
+    return torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)
+
+
+class classifier_guidance(DenoiserTransform):  # noqa: N801 - used like a function
+    """Steer ``model`` towards class ``label`` with a noise-conditioned ``classifier``.
+
+    Parameters
+    ----------
+    classifier:
+        ``classifier(x_t, time) -> logits`` of shape ``(batch, classes)``, ``time`` the
+        process time of ``model`` as a ``(batch,)`` tensor (float64 for float64 samples) (the shipped
+        ``digits-classifier`` and ``GaussianMixture.noisy_classifier`` are of this form).
+        Gradients flow through the classifier only; the network is not differentiated.
+    scale:
+        The guidance scale ``s`` (1: sample ``p(x | y)`` with an exact classifier).
+    key:
+        The conditioning keyword that carries the class (default ``label``).
+    condition_model:
+        Pass the class to ``model`` too (guidance of a conditional model, as in ADM);
+        by default the model is called without it, i.e. unconditionally.
+    """
+
+    def __init__(self, model, classifier: Callable, scale: float = 1.0, *, key: str = "label",
+                 condition_model: bool = False):
+        super().__init__(model)
+        if not callable(classifier):
+            raise TypeError(f"classifier_guidance: classifier must be callable, got {type(classifier).__name__}")
+        self.classifier = classifier
+        self.scale = _check_scale("classifier_guidance: scale", scale)
+        self.key = key
+        self.condition_model = bool(condition_model)
+
+    def __call__(self, x: torch.Tensor, t, **cond) -> Prediction:
+        label = _label_of(cond, self.key, x.shape[0], "classifier_guidance")
+        model_cond = cond if self.condition_model else {k: v for k, v in cond.items() if k != self.key}
+        pred = self.model(x, t, **model_cond)
+        if self.scale == 0.0:
+            return pred
+        grad = self.log_prob_gradient(x, t, label)
+        sigma = _broadcast(self.process.sigma(t), x)
+        eps = pred.eps - (self.scale * sigma) * grad
+        alpha = _broadcast(self.process.alpha(t), x)
+        return Prediction((x - sigma * eps) / alpha, eps)
+
+    def log_prob_gradient(self, x: torch.Tensor, t, label: torch.Tensor) -> torch.Tensor:
+        """``grad_x log p(label | x_t)`` at ``(x, t)``, in the dtype of ``x``."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logits = self.classifier(xg, time_tensor(t, x))
+            chosen = F.log_softmax(logits.to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=-1)
+            (grad,) = torch.autograd.grad(chosen.gather(1, label.to(x.device)[:, None]).sum(), xg)
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(f"classifier_guidance: the classifier's gradient is not finite at t = {t}")
+        return grad.to(x.dtype)
+
