@@ -120,6 +120,7 @@ def from_diffusers(unet: torch.nn.Module, scheduler_or_config, *, prediction: st
                    **cond)
         return getattr(out, "sample", out)
 
+    network.module = unet  # for hooks that need the module itself (perturbed-attention guidance)
     return Denoiser(network, process, prediction, time_input=time_input, null=null,
                     name=type(unet).__name__)
 
