@@ -189,3 +189,30 @@ def test_res_multistep_is_the_published_update():
         old = m
     torch.testing.assert_close(ds.sample(model, x_T, g, "res_multistep"), x, rtol=1e-12, atol=1e-12)
 
+
+
+def test_ipndm_weights_are_adams_bashforth_for_equal_steps():
+    """On equal steps the fixed iPNDM weights are the exact Lagrange integrals (LMS's), and so are
+    iPNDM-v's up to order 3. Finding: iPNDM-v's order-4 weights as shipped are (57, -65, 43, -11) / 24
+    on equal steps, not Adams-Bashforth's (55, -59, 37, -9) / 24: they integrate cubics wrongly, so
+    its order-4 steps are third order."""
+    from diffsampler.solvers.lms import _AB_FIXED, ipndm_v_weights, lagrange_integrals
+    nodes = [4.0, 5.0, 6.0, 7.0]
+    for k in (1, 2, 3, 4):
+        exact = lagrange_integrals(nodes[:k], 4.0, 3.0)
+        assert [-c for c in _AB_FIXED[k]] == pytest.approx(exact, rel=1e-12)
+        if k < 4:
+            assert ipndm_v_weights(nodes[:k], 4.0, 3.0) == pytest.approx(exact, rel=1e-12)
+    assert [-24 * c for c in ipndm_v_weights(nodes, 4.0, 3.0)] == pytest.approx([57, -65, 43, -11], rel=1e-12)
+
+
+def test_ipndm_v_order_four_weights_are_consistent_only_on_geometric_steps():
+    """Finding: iPNDM-v's order-4 weights (as shipped by zju-pi's diff-solvers and ComfyUI) sum to the
+    step only when successive steps shrink geometrically; on other uneven grids a constant derivative
+    is not integrated exactly. Orders 2 and 3 are consistent on any grid."""
+    from diffsampler.solvers.lms import ipndm_v_weights
+    geometric = [0.8, 1.6, 3.2, 6.4]
+    assert sum(ipndm_v_weights(geometric, 0.8, 0.4)) == pytest.approx(-0.4, rel=1e-12)
+    uneven = [0.9, 1.7, 3.1, 5.0]
+    assert sum(ipndm_v_weights(uneven[:3], 0.9, 0.4)) == pytest.approx(-0.5, rel=1e-12)
+    assert abs(sum(ipndm_v_weights(uneven, 0.9, 0.4)) / -0.5 - 1) > 1e-3

@@ -89,6 +89,7 @@ STOCHASTIC_KD = [
     ("dpm_2_ancestral", {"eta": 0.5}, ds.solvers.DPM2Ancestral(eta=0.5)),
     ("dpmpp_2s_ancestral", {}, ds.solvers.DPMpp2SAncestral()),
     ("dpmpp_2s_ancestral", {"eta": 0.0}, ds.solvers.DPMpp2SAncestral(eta=0.0)),
+    ("dpmpp_2s_ancestral", {"eta": 0.0}, ds.solvers.get("dpmpp_2s")),
 ]
 
 

@@ -6,18 +6,19 @@ A new solver is its own module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 from .base import Knots, Solver
-from .ancestral import DPM2Ancestral, DPMpp2SAncestral
+from .ancestral import DPM2Ancestral, DPMpp2S, DPMpp2SAncestral
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
-from .lms import DEIS, LMS
+from .lms import DEIS, IPNDM, IPNDMV, LMS
 from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
-           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep"]
+           "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
+           "IPNDMV", "DPMpp2S"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -28,7 +29,10 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpm_2_ancestral": DPM2Ancestral,
     "dpm_solver": DPMSolver,
     "deis": DEIS,
+    "dpmpp_2s": DPMpp2S,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
+    "ipndm": IPNDM,
+    "ipndm_v": IPNDMV,
     "lcm": LCM,
     "lms": LMS,
     "euler_ancestral": EulerAncestral,
