@@ -119,3 +119,51 @@ def test_autoguidance_concentrates_on_high_density_without_leaving_the_support()
 def test_autoguidance_rejects_a_weak_model_of_another_process():
     with pytest.raises(ValueError, match="weak model's process"):
         ds.guidance.autoguidance(GMM.denoiser(ds.EDM(), "x0"), GMM.denoiser(ds.VP.cosine(), "eps"), 2.0)
+
+
+OVERLAP = ds.testbeds.GaussianMixture([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]], [0.6, 0.6, 0.6], labels=[0, 1, 2])
+
+
+def test_gradient_free_guidance_picks_the_most_probable_other_class():
+    p = ds.EDM()
+    model = OVERLAP.denoiser(p, "x0")
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]], dtype=torch.float64)
+    gf = ds.guidance.gradient_free_guidance(model, lambda x0: logits, 2.0)
+    ref, w = gf.reference(torch.zeros(2, 2), torch.tensor([1, 2]))
+    assert ref.tolist() == [2, 0]
+    probs = logits.softmax(1)
+    torch.testing.assert_close(w, 2.0 * torch.stack([probs[0, 2] / (probs[0, 2] + probs[0, 1]),
+                                                     probs[1, 0] / (probs[1, 0] + probs[1, 2])]))
+    fixed = ds.guidance.gradient_free_guidance(model, lambda x0: logits, 2.0, adaptive=False)
+    assert fixed.reference(torch.zeros(2, 2), torch.tensor([1, 2]))[1].tolist() == [2.0, 2.0]
+    # the guided prediction is its definition
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    label = torch.tensor([1, 2])
+    out = gf(x, 1.0, label=label)
+    c, r = model(x, 1.0, label=label), model(x, 1.0, label=torch.tensor([2, 0]))
+    torch.testing.assert_close(out.x0, c.x0 + w[:, None] * (c.x0 - r.x0))
+    torch.testing.assert_close(x, out.x0 + 1.0 * out.eps)
+
+
+def test_gradient_free_guidance_raises_class_accuracy_over_the_conditional_model():
+    """Overlapping classes: samples of the exact class-conditional model are often closer to another
+    class; pushing away from the reference class raises the exact Bayes classifier's accuracy."""
+    p = ds.VP.linear()
+    model = OVERLAP.denoiser(p, "eps")
+    bayes = OVERLAP.noisy_classifier(p)
+    clean = lambda x0: bayes(x0, torch.full((x0.shape[0],), p.t_min, dtype=torch.float64))  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    label = torch.arange(n) % 3
+    x_t = p.prior((n, 2), generator=g, dtype=torch.float64)
+    grid = ds.grids.logsnr(p, 20)
+
+    def accuracy(m):
+        x = ds.sample(m, x_t, grid, "dpmpp_2m", label=label)
+        return (clean(x).argmax(1) == label).double().mean().item(), m.nfe
+
+    base, base_nfe = accuracy(model)
+    model.nfe = 0
+    guided, guided_nfe = accuracy(ds.guidance.gradient_free_guidance(model, clean, 2.0))
+    assert guided > base + 0.05, (base, guided)
+    assert guided_nfe == 2 * base_nfe
