@@ -1,5 +1,5 @@
-# Two entry points: `make demo` (sample from the default testbed and write a picture)
-# and `make test`. Both create .venv on first use. torch is pinned to 2.13.0 here
+# Two entry points: `make demo` (sample every digit class from the shipped digits model
+# with classifier-free guidance and write a labelled grid) and `make test`. Both create .venv on first use. torch is pinned to 2.13.0 here
 # because that release is the CPU build available offline on our machines; the
 # package itself only asks for torch>=2.2.
 PYTHON ?= python3
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diffsampler sample --testbed ring8 --solver dpmpp_2m --steps 10 --out out/
+	$(VENV)/bin/diffsampler demo --model digits --solver dpmpp_2m --steps 15 --scale 2 --out out/
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -21,12 +21,17 @@ def _results(data):
     return [Result(**r) for r in data["accuracy"]]
 
 
-def test_quick_bench_writes_the_report(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
     from diffsampler.bench import run
+    root = tmp_path_factory.mktemp("bench")
+    return root, run(quick=True, root=root, log=lambda s: None).read_text()
+
+
+def test_quick_bench_writes_the_report(quick_run):
     from diffsampler.bench.report import best_per_nfe
 
-    path = run(quick=True, root=tmp_path, log=lambda s: None)
-    text = path.read_text()
+    tmp_path, text = quick_run
     assert text.startswith("# Benchmarks") and "diffsampler bench --quick" in text
     data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
     families = {r["family"] for r in data["accuracy"]}
@@ -42,10 +47,33 @@ def test_quick_bench_writes_the_report(tmp_path):
         assert (tmp_path / "benchmarks" / name).read_bytes()[:4] == b"\x89PNG"
     # two problems (ring8 under VP and flow) at three NFE budgets, summarised from the raw results
     assert data["best_per_nfe"] == json.loads(json.dumps(best_per_nfe(_results(data))))
+    # the shipped digits models: every solver run at its NFE budget, judged by the evaluator
+    assert "## Shipped digits models" in text and "## Guidance on the digits model" in text
+    assert data["models"] and all(r["nfe"] == r["target_nfe"] for r in data["models"])
+    assert all(0 <= r["accuracy"] <= 1 for r in data["models"])
+    methods = {r["method"] for r in data["guidance"]}
+    assert methods == {"none", "cfg", "classifier", "autoguidance", "pag", "gfcg"}
+    auto = [r for r in data["guidance"] if r["method"] == "autoguidance"]
+    assert all(r["nfe"] == 2 * r["nfe_steps"] for r in auto)  # two networks per evaluation
 
 
-def test_rewrite_reproduces_the_report_from_the_raw_numbers(tmp_path):
-    from diffsampler.bench import rewrite, run
+def test_rewrite_reproduces_the_report_from_the_raw_numbers(quick_run):
+    from diffsampler.bench import rewrite
 
-    first = run(quick=True, root=tmp_path, log=lambda s: None).read_text()
-    assert rewrite(tmp_path, log=lambda s: None).read_text() == first
+    root, first = quick_run
+    assert rewrite(root, log=lambda s: None).read_text() == first
+
+
+def test_one_section_reruns_alone_and_keeps_the_others(quick_run, tmp_path):
+    import shutil
+
+    from diffsampler.bench import run
+    root, _ = quick_run
+    shutil.copytree(root / "benchmarks", tmp_path / "benchmarks")
+    before = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    run(quick=True, root=tmp_path, log=lambda s: None, sections=("overhead",))
+    after = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert after["accuracy"] == before["accuracy"] and after["models"] == before["models"]
+    assert after["overhead"] != before["overhead"]  # re-measured
+    with pytest.raises(ValueError, match="sections must be a non-empty subset"):
+        run(quick=True, root=tmp_path, sections=("speed",))

@@ -8,29 +8,50 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["run", "rewrite"]
+__all__ = ["run", "rewrite", "SECTIONS"]
+
+SECTIONS = ("accuracy", "distribution", "overhead", "models")
 
 
 def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
-        log: Callable[[str], None] = print) -> Path:
-    """Run the benchmark and write ``BENCHMARKS.md``, ``benchmarks/*.png`` and ``benchmarks/results.json``."""
+        log: Callable[[str], None] = print, sections: tuple[str, ...] = SECTIONS) -> Path:
+    """Run the benchmark and write ``BENCHMARKS.md``, ``benchmarks/*.png`` and ``benchmarks/results.json``.
+
+    ``sections`` re-runs only some parts; the others are read back from the
+    existing ``benchmarks/results.json``.
+    """
     import torch
     from diffusers.utils import logging as dlogging
 
     from .accuracy import run_accuracy
     from .distribution import run_distribution
+    from .models import run_guidance, run_models
     from .overhead import run_overhead
     from .report import write_report
 
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"bench: sections must be a non-empty subset of {SECTIONS}, got {sections!r}")
     dlogging.set_verbosity_error()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    results, failures = run_accuracy(quick=quick, n=64 if quick else 128, log=log)
-    dist = run_distribution(quick=quick, n=500 if quick else 2000, log=log)
-    timings = run_overhead(quick=quick, log=log)
+    old = _load(Path(root)) if set(sections) != set(SECTIONS) else {}
+    if "accuracy" in sections:
+        old["accuracy"] = run_accuracy(quick=quick, n=64 if quick else 128, log=log)
+    if "distribution" in sections:
+        old["distribution"] = run_distribution(quick=quick, n=500 if quick else 2000, log=log)
+    if "overhead" in sections:
+        old["overhead"] = run_overhead(quick=quick, log=log)
+    if "models" in sections:
+        old["models"] = run_models(quick=quick, log=log)
+        old["guidance"] = run_guidance(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
+    if "command" in old and old["command"] != command:
+        command = f"{old['command']}, then {command} --section {' --section '.join(sections)}"
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
-    path = write_report(results, failures, dist, timings, Path(root), command, machine)
+    (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
+    path = write_report(results, failures, dist, timings, Path(root), command, machine, old.get("models", []),
+                        old.get("guidance", []))
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -40,21 +61,39 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
-    """Regenerate BENCHMARKS.md and the plots from ``benchmarks/results.json`` without re-running."""
+def _load(root: Path) -> dict:
+    """The sections of an earlier run, read back from ``benchmarks/results.json``."""
     import json
 
     from .accuracy import Failure, Result
     from .distribution import DistResult
+    from .models import GuidanceResult, ModelResult
     from .overhead import Timing
+
+    path = root / "benchmarks" / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"bench: {path} is missing; run every section first (diffsampler bench)")
+    data = json.loads(path.read_text())
+    return {
+        "command": data["command"],
+        "accuracy": ([Result(**r) for r in data["accuracy"]],
+                     [Failure(**f) for f in data.get("peer_failures", [])]),
+        "distribution": [DistResult(**d) for d in data.get("distribution", [])],
+        "overhead": [Timing(**{**t, "shape": tuple(t["shape"])}) for t in data["overhead"]],
+        "models": [ModelResult(**m) for m in data.get("models", [])],
+        "guidance": [GuidanceResult(**m) for m in data.get("guidance", [])],
+        "machine": data["machine"],
+    }
+
+
+def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
+    """Regenerate BENCHMARKS.md and the plots from ``benchmarks/results.json`` without re-running."""
     from .report import write_report
 
     root = Path(root)
-    data = json.loads((root / "benchmarks" / "results.json").read_text())
-    timings = [Timing(**{**t, "shape": tuple(t["shape"])}) for t in data["overhead"]]
-    path = write_report([Result(**r) for r in data["accuracy"]],
-                        [Failure(**f) for f in data.get("peer_failures", [])],
-                        [DistResult(**d) for d in data.get("distribution", [])], timings, root,
-                        data["command"], data["machine"])
+    old = _load(root)
+    (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
+    path = write_report(results, failures, dist, timings, root, old["command"], old["machine"], old["models"],
+                        old["guidance"])
     log(f"rewrote {path} from benchmarks/results.json")
     return path
