@@ -132,3 +132,41 @@ def test_cfg_errors_name_the_argument_and_what_is_allowed():
         ds.guidance.cfg(bare, 2.0)(x, 0.5, label=label)
     with pytest.raises(ValueError, match="same in every pass"):
         ds.guidance.cfg(bare, 2.0, uncond={"label": -1})(x, 0.5, label=0)
+
+
+@pytest.mark.parametrize("key", ["vp", "edm", "flow"])
+def test_cfg_pp_samplers_are_ddim_for_an_unguided_model(key):
+    process = {"vp": ds.VP.scaled_linear(), "edm": ds.EDM(), "flow": ds.Flow(t_max=0.99)}[key]
+    p, model, _, x, label = _setup("velocity" if key == "flow" else "eps", process)
+    grid = ds.grids.logsnr(p, 12, t_max=p.t_max)
+    for ours, base in (("euler_cfg_pp", "ddim"), ("euler_ancestral_cfg_pp", "euler_ancestral")):
+        a = ds.sample(model, x, grid, ours, generator=torch.Generator().manual_seed(3), label=label)
+        b = ds.sample(model, x, grid, base, generator=torch.Generator().manual_seed(3), label=label)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_cfg_pp_is_the_papers_algorithm():
+    """Chung et al. 2024, Algorithm 1: x0 from eps_u + lambda (eps_c - eps_u), re-noised with eps_u."""
+    p, model, _, x, label = _setup()
+    lam = 0.6
+    grid = ds.grids.logsnr(p, 10)
+    ours = ds.sample(ds.guidance.cfg(model, lam, plus_plus=True), x, grid, "euler_cfg_pp", label=label)
+    y = x.clone()
+    null = torch.full_like(label, GMM.NULL_LABEL)
+    for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        eps_c, eps_u = model(y, t, label=label).eps, model(y, t, label=null).eps
+        eps = eps_u + lam * (eps_c - eps_u)
+        x0 = (y - float(p.sigma(t)) * eps) / float(p.alpha(t))
+        y = float(p.alpha(t_next)) * x0 + float(p.sigma(t_next)) * eps_u
+    torch.testing.assert_close(ours, y, rtol=1e-10, atol=1e-10)
+    plain = ds.sample(ds.guidance.cfg(model, lam), x, grid, "euler_cfg_pp", label=label)
+    assert (plain - ours).abs().max() > 1e-3  # the re-noising term is what differs from plain CFG
+
+
+def test_solvers_without_cfg_pp_do_plain_cfg_with_a_cfg_pp_model():
+    p, model, _, x, label = _setup()
+    grid = ds.grids.karras(p, 8)
+    for name in ("dpmpp_2m", "heun", "unipc", "dpm_solver"):
+        a = ds.sample(ds.guidance.cfg(model, 3.0, plus_plus=True), x, grid, name, label=label)
+        b = ds.sample(ds.guidance.cfg(model, 3.0), x, grid, name, label=label)
+        assert torch.equal(a, b), name

@@ -26,10 +26,15 @@ class Prediction(NamedTuple):
     ``x0`` is the posterior-mean estimate of the data and ``eps`` the matching
     noise estimate, with ``x = alpha x0 + sigma eps``. The other forms are
     derived from these on request.
+
+    ``renoise`` is set only by classifier-free guidance with ``plus_plus=True``:
+    the unconditional noise estimate, which the CFG++ solvers (``euler_cfg_pp``,
+    ``euler_ancestral_cfg_pp``) re-noise with. Every other solver ignores it.
     """
 
     x0: torch.Tensor
     eps: torch.Tensor
+    renoise: torch.Tensor | None = None
 
     def score(self, process: Process, t: float) -> torch.Tensor:
         """``grad log p_t(x) = -eps / sigma``."""

@@ -101,11 +101,19 @@ class cfg(DenoiserTransform):  # noqa: N801 - used like a function: cfg(model, s
     uncond:
         Conditioning keywords of the unconditional pass (e.g. negative-prompt embeddings);
         by default the model's null condition.
+    plus_plus:
+        CFG++ (Chung et al., 2024, arXiv:2406.08070): also hand the solver the unconditional
+        noise estimate (``Prediction.renoise``), with which the CFG++ solvers
+        (``euler_cfg_pp``, ``euler_ancestral_cfg_pp``) re-noise the guided data estimate:
+        ``x' = alpha' x0_guided + sigma' eps_uncond``. ``scale`` is then the paper's
+        ``lambda``, typically in [0, 1]. Other solvers ignore it and do plain CFG.
     """
 
     def __init__(self, model, scale: float, *, rescale: float = 0.0, rescale_space: str = "x0",
-                 interval: tuple[float, float] | None = None, uncond: dict | None = None):
+                 interval: tuple[float, float] | None = None, uncond: dict | None = None,
+                 plus_plus: bool = False):
         super().__init__(model)
+        self.plus_plus = bool(plus_plus)
         self.scale = _check_scale("cfg: scale", scale)
         self.rescale = _check_scale("cfg: rescale", rescale, 0.0)
         if self.rescale > 1:
@@ -140,6 +148,9 @@ class cfg(DenoiserTransform):  # noqa: N801 - used like a function: cfg(model, s
         if isinstance(inside, torch.Tensor):
             keep = _broadcast(inside.to(x.dtype), x)
             guided = Prediction(c.x0 + keep * (guided.x0 - c.x0), c.eps + keep * (guided.eps - c.eps))
+        if self.plus_plus:
+            renoise = u.eps if not isinstance(inside, torch.Tensor) else c.eps + keep * (u.eps - c.eps)
+            guided = guided._replace(renoise=renoise)
         return guided
 
     def combine(self, c: Prediction, u: Prediction, x: torch.Tensor, t) -> Prediction:

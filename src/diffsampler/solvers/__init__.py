@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2S, DPMpp2SAncestral
+from .cfgpp import EulerAncestralCFGpp, EulerCFGpp
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
@@ -18,7 +19,7 @@ from .unipc import UniPC
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
-           "IPNDMV", "DPMpp2S"]
+           "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -36,6 +37,8 @@ REGISTRY: dict[str, type[Solver]] = {
     "lcm": LCM,
     "lms": LMS,
     "euler_ancestral": EulerAncestral,
+    "euler_cfg_pp": EulerCFGpp,
+    "euler_ancestral_cfg_pp": EulerAncestralCFGpp,
     "dpmpp_2m": DPMpp2M,
     "dpmpp_3m": DPMpp3M,
     "dpmpp_2m_sde": DPMpp2MSDE,
