@@ -52,6 +52,29 @@ def test_agrees_with_kdiffusion(key, name, grid_name):
     assert rel(theirs, ours) < 1e-12
 
 
+@pytest.mark.parametrize("nfe", [6, 7, 8, 20])
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "vp_cosine", "edm"])
+def test_dpm_fast_agrees_with_kdiffusion(key, nfe):
+    """k-diffusion's sample_dpm_fast is DPM-Solver-3 singlestep in the paper's form on DPM-Solver's fast
+    grid. It builds its grid in torch's default dtype (float32, which alone moves the result by ~1e-6);
+    with float64 as the default the two agree to round-off."""
+    p = KD_PROCESSES[key]()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p)
+    ours = ds.sample(model, x, ds.grids.dpm_fast(p, nfe), ds.solvers.DPMSolverSinglestep(3, "paper"))
+    assert model.nfe == nfe
+    sampling = peers.kdiffusion_sampling()
+    sigma_min, sigma_max = float(p.ode_sigma(p.t_min)), float(p.ode_sigma(p.t_max))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        theirs = sampling.sample_dpm_fast(peers.kdiffusion_denoiser(model), x / float(p.ode_scale(p.t_max)),
+                                          sigma_min, sigma_max, nfe, disable=True)
+    finally:
+        torch.set_default_dtype(default)
+    assert rel(theirs * float(p.ode_scale(p.t_min)), ours) < 1e-12
+
+
 def test_kdiffusion_dpmpp_2m_on_flows_uses_another_time_variable():
     """Documented difference: k-diffusion's DPM-Solver++(2M) interpolates the data estimate in -log(sigma)
     of the coordinates it is given, which for a flow in (x, t) is -log(t), not the log-SNR. Both are
@@ -179,6 +202,15 @@ DIFFUSERS_CASES = [
      ds.solvers.UniPC(3, "bh1")),
     ("UniPCMultistepScheduler", {"solver_order": 1}, ds.solvers.UniPC(1)),
     ("UniPCMultistepScheduler", {"disable_corrector": list(range(100))}, ds.solvers.UniPC(corrector=False)),
+    ("DPMSolverSinglestepScheduler", {"lower_order_final": True}, "dpmpp_singlestep"),
+    ("DPMSolverSinglestepScheduler", {"lower_order_final": True, "solver_order": 3, "solver_type": "heun"},
+     ds.solvers.DPMppSinglestep(3, "heun")),
+    ("DPMSolverSinglestepScheduler", {"lower_order_final": True, "solver_order": 3}, ds.solvers.DPMppSinglestep(3)),
+    ("DPMSolverSinglestepScheduler", {"lower_order_final": True, "algorithm_type": "dpmsolver", "solver_order": 3,
+                                      "final_sigmas_type": "sigma_min"}, "dpm_solver_singlestep"),
+    ("DPMSolverSinglestepScheduler", {"lower_order_final": True, "algorithm_type": "dpmsolver", "solver_order": 2,
+                                      "solver_type": "heun", "final_sigmas_type": "sigma_min"},
+     ds.solvers.DPMSolverSinglestep(2, "heun")),
 ]
 
 

@@ -151,11 +151,40 @@ def validate(process: Process, grid) -> torch.Tensor:
     return g
 
 
+def dpm_fast(process: Process, steps: int, *, t_max=None, t_min=None) -> torch.Tensor:
+    """DPM-Solver's "fast" grid (Lu et al. 2022, section 3.3; k-diffusion's ``sample_dpm_fast``).
+
+    ``steps`` network evaluations are grouped as singlestep DPM-Solver uses them
+    (:func:`diffsampler.solvers.singlestep.group_orders`: groups of three, the last of
+    two and one, or of ``steps % 3``); group boundaries are uniform in log-SNR from
+    ``t_max`` to ``t_min`` and each group of ``k`` evaluations is cut into ``k`` equal
+    parts in log-SNR (DPM-Solver-3's ``r = 1/3, 2/3``, DPM-Solver-2's ``r = 1/2``).
+    The grid ends at ``t_min``: use it with ``dpm_solver_singlestep`` (``solver_order=3``,
+    ``solver_type="paper"``).
+    """
+    from .solvers.singlestep import group_orders
+
+    steps = _check_steps(steps)
+    hi, lo = _range(process, t_max, t_min)
+    lam_hi, lam_lo = float(process.lambda_(hi)), float(process.lambda_(lo))
+    positions = group_orders(steps, 3, True, False)
+    sizes = [next((j - i for j in range(i + 1, steps) if positions[j] == 1), steps - i)
+             for i, pos in enumerate(positions) if pos == 1]
+    bounds = torch.linspace(lam_hi, lam_lo, len(sizes) + 1, dtype=torch.float64).tolist()
+    lam = [lam_hi]
+    for (a, b), k in zip(zip(bounds[:-1], bounds[1:]), sizes):
+        lam += [a + (b - a) * j / k for j in range(1, k + 1)]
+    knots = process.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
+    knots[0], knots[-1] = hi, lo
+    return validate(process, knots)
+
+
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "uniform": uniform,
     "logsnr": logsnr,
     "karras": karras,
     "quadratic": quadratic,
+    "dpm_fast": dpm_fast,
 }
 
 

@@ -14,12 +14,14 @@ from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .lms import DEIS, IPNDM, IPNDMV, LMS
+from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
 
 __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
-           "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp"]
+           "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
+           "DPMSolverSinglestep", "DPMppSinglestep"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -29,6 +31,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpm_2": DPM2,
     "dpm_2_ancestral": DPM2Ancestral,
     "dpm_solver": DPMSolver,
+    "dpm_solver_singlestep": DPMSolverSinglestep,
     "deis": DEIS,
     "dpmpp_2s": DPMpp2S,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
@@ -43,6 +46,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_3m": DPMpp3M,
     "dpmpp_2m_sde": DPMpp2MSDE,
     "dpmpp_sde": DPMppSDE,
+    "dpmpp_singlestep": DPMppSinglestep,
     "dpmpp_3m_sde": DPMpp3MSDE,
     "res_multistep": RESMultistep,
     "unipc": UniPC,
