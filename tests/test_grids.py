@@ -92,7 +92,7 @@ def test_steps_must_be_a_positive_integer(steps):
 
 
 def test_unknown_grid_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid grids: karras, logsnr, quadratic, uniform"):
+    with pytest.raises(ValueError, match="valid grids: dpm_fast, karras, logsnr, quadratic, uniform"):
         ds.grids.get("linear", ds.EDM(), 5)
 
 
@@ -126,3 +126,19 @@ def test_shift_rejects_what_it_cannot_shift():
         ds.grids.shift(ds.Flow(), ds.grids.uniform(ds.Flow(), 4), 0.0)
     with pytest.raises(ValueError, match="must lie in"):  # a shift below 1 pushes t_min out of range
         ds.grids.shift(ds.Flow(), ds.grids.uniform(ds.Flow(), 4), 0.5)
+
+
+@pytest.mark.parametrize("steps, groups", [(6, [3, 2, 1]), (7, [3, 3, 1]), (8, [3, 3, 2]), (1, [1])])
+def test_dpm_fast_grid_groups_are_uniform_in_logsnr_and_cut_evenly(steps, groups):
+    p = ds.VP.cosine()
+    g = ds.grids.dpm_fast(p, steps)
+    assert len(g) == steps + 1 and g[0].item() == p.t_max and g[-1].item() == p.t_min
+    lam = p.lambda_(g).tolist()
+    bounds = [0]
+    for k in groups:
+        bounds.append(bounds[-1] + k)
+    width = (lam[-1] - lam[0]) / len(groups)
+    for (a, b), k in zip(zip(bounds[:-1], bounds[1:]), groups):
+        assert lam[b] - lam[a] == pytest.approx(width, rel=1e-9)
+        for j in range(a, b):
+            assert lam[j + 1] - lam[j] == pytest.approx(width / k, rel=1e-9)
