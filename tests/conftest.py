@@ -49,6 +49,9 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("dpm_2", {"s_churn": 5.0}),
     ("dpmpp_2s_ancestral", {"eta": 0.0}),
     ("lms", {"lms_order": 2}),
+    ("seeds_2", {"eta": 0.0}),
+    ("seeds_2", {"solver_type": "phi_2"}),
+    ("dpm_solver_singlestep", {"solver_type": "paper"}),
 ]
 
 

@@ -32,6 +32,9 @@ STOCHASTIC = [
     ("dpm_2_ancestral", {}, 100),
     ("dpmpp_2s_ancestral", {}, 100),
     ("dpmpp_sde", {}, 100),  # on uniform flow grids the long last log-SNR steps need more steps
+    ("seeds_2", {}, 100),
+    ("seeds_2", {"solver_type": "phi_2", "eta": 0.5}, 100),
+    ("euler_ancestral_cfg_pp", {}, 200),
 ]
 Z_MAX = 5.0
 
@@ -136,3 +139,15 @@ def test_lcm_with_a_consistency_function_is_exact_at_any_step_count(key, steps):
     exact, _ = gauss.sample(n, generator=g)
     z = _moment_z(x, exact)
     assert bool((z < Z_MAX).all()), z.tolist()
+
+
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm"])
+def test_seeds_2_without_noise_is_dpmpp_2s(key):
+    """SEEDS-2 with eta = 0 integrates the probability-flow ODE with DPM-Solver++(2S)'s stages."""
+    p = make_process(key)
+    model = TARGET.denoiser(p, natural_prediction(p))
+    x = p.prior((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = natural_grid(key, p, 12)
+    a = ds.sample(model, x, grid, ds.solvers.get("seeds_2", eta=0.0))
+    b = ds.sample(model, x, grid, "dpmpp_2s")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
