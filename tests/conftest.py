@@ -51,6 +51,7 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("lms", {"lms_order": 2}),
     ("seeds_2", {"eta": 0.0}),
     ("seeds_2", {"solver_type": "phi_2"}),
+    ("seeds_3", {"eta": 0.0}),
     ("dpm_solver_singlestep", {"solver_type": "paper"}),
 ]
 

@@ -221,3 +221,11 @@ def test_ipndm_v_order_four_weights_are_consistent_only_on_geometric_steps():
     uneven = [0.9, 1.7, 3.1, 5.0]
     assert sum(ipndm_v_weights(uneven[:3], 0.9, 0.4)) == pytest.approx(-0.5, rel=1e-12)
     assert abs(sum(ipndm_v_weights(uneven, 0.9, 0.4)) / -0.5 - 1) > 1e-3
+
+
+@pytest.mark.parametrize("name, order", [("seeds_2", 2), ("seeds_3", 3)])
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm", "flow"])
+def test_seeds_without_noise_converge_at_their_order(key, name, order):
+    """SEEDS with eta = 0 are exponential Runge-Kutta methods for the probability-flow ODE."""
+    measured, errors = measured_order(key, "mixture", ds.solvers.get(name, eta=0.0))
+    assert order - 0.3 < measured < order + 0.3, (measured, errors)

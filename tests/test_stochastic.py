@@ -34,6 +34,7 @@ STOCHASTIC = [
     ("dpmpp_sde", {}, 100),  # on uniform flow grids the long last log-SNR steps need more steps
     ("seeds_2", {}, 100),
     ("seeds_2", {"solver_type": "phi_2", "eta": 0.5}, 100),
+    ("seeds_3", {}, 60),
     ("euler_ancestral_cfg_pp", {}, 200),
 ]
 Z_MAX = 5.0

@@ -14,7 +14,7 @@ from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .lms import DEIS, IPNDM, IPNDMV, LMS
-from .seeds import SEEDS2
+from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
 
@@ -22,7 +22,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
-           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2"]
+           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -51,6 +51,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_3m_sde": DPMpp3MSDE,
     "res_multistep": RESMultistep,
     "seeds_2": SEEDS2,
+    "seeds_3": SEEDS3,
     "unipc": UniPC,
 }
 
