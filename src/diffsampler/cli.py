@@ -147,7 +147,8 @@ def demo(
     model: str = typer.Option("digits", help="A shipped class-conditional digits model: digits, digits-flow."),
     solver: str = typer.Option("dpmpp_2m", help="Solver name (see `diffsampler solvers`)."),
     steps: int = typer.Option(15, min=1, help="Number of steps."),
-    grid: str = typer.Option("logsnr", help="Time grid: " + ", ".join(_grids.names())),
+    grid: str = typer.Option(None, help="Time grid: " + ", ".join(_grids.names()) + " (default: logsnr for VP "
+                                         "models, uniform for flows)."),
     scale: float = typer.Option(2.0, help="Classifier-free guidance weight (1: the conditional model)."),
     per_class: int = typer.Option(10, min=1, help="Samples of every digit."),
     seed: int = typer.Option(0, help="Seed of the generator for the prior and the solver's noise."),
@@ -155,11 +156,12 @@ def demo(
 ) -> None:
     """Sample every digit class with classifier-free guidance; write a labelled grid and judge it."""
     from . import models as _models
-    from .models.quality import digits_figures, digits_samples
+    from .models.quality import default_grid, digits_figures, digits_samples
     _choice("model", model, ("digits", "digits-flow", "digits-weak"))
     _choice("solver", solver, _solvers.REGISTRY)
-    _choice("grid", grid, _grids.GRIDS)
     denoiser = _models.load(model)
+    grid = grid or default_grid(denoiser.process)
+    _choice("grid", grid, _grids.GRIDS)
     start = time.perf_counter()
     images, labels = digits_samples(denoiser, per_class=per_class, solver=solver, steps=steps, grid=grid,
                                     scale=scale, seed=seed)

@@ -24,7 +24,7 @@ QUICK_NFES = [10]
 SOLVERS = ["ddim", "euler", "heun", "dpm_2", "lms", "deis", "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc",
            "res_multistep", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "ddpm"]
 QUICK_SOLVERS = ["ddim", "dpmpp_2m", "unipc"]
-MODELS = {"digits": "logsnr", "digits-flow": "logsnr"}
+MODELS = {"digits": "logsnr", "digits-flow": "uniform"}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .. import grids
 from ..bench.distribution import sliced_wasserstein
 from ..guidance import cfg
 from ..loop import sample
+from ..process import Flow
 from . import data
 from .train import PROCESSES, SPECS
 
@@ -39,13 +40,19 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * cross)
 
 
+def default_grid(process) -> str:
+    """The grid family natural for ``process``: log-SNR for VP, uniform in t for flows (which start at
+    t = 1, where the log-SNR is infinite)."""
+    return "uniform" if isinstance(process, Flow) else "logsnr"
+
+
 def digits_samples(model, *, per_class: int = 10, solver: str = "dpmpp_2m", steps: int = 15,
-                   grid: str = "logsnr", scale: float = 1.0, seed: int = 0, guide=None, condition: bool = True,
+                   grid: str | None = None, scale: float = 1.0, seed: int = 0, guide=None, condition: bool = True,
                    **options) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images (10 per_class, 1, 8, 8), labels)``: ``per_class`` samples of every digit.
 
     ``scale`` is the classifier-free guidance weight; ``guide`` replaces it by any
-    transform ``model -> model``. With ``condition=False`` the model is called
+    transform ``model -> model``. ``grid`` defaults to :func:`default_grid`. With ``condition=False`` the model is called
     without labels (unconditional) unless the transform consumes them.
     """
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -55,6 +62,7 @@ def digits_samples(model, *, per_class: int = 10, solver: str = "dpmpp_2m", step
     guided = guide(model) if guide is not None else cfg(model, scale)
     with torch.no_grad():
         cond = {"label": labels} if condition else {}
+        grid = grid or default_grid(process)
         x0 = sample(guided, x_t, grids.get(grid, process, steps), solver, generator=g, **cond, **options)
     return x0, labels
 
@@ -73,10 +81,10 @@ def _toy_figures(model, data_name: str, n: int = 4000) -> dict:
     process = model.process
     x_t = process.prior((n, 2), generator=g)
     with torch.no_grad():
-        x0 = sample(model, x_t, grids.logsnr(process, 20), "dpmpp_2m", generator=g)
+        x0 = sample(model, x_t, grids.get(default_grid(process), process, 20), "dpmpp_2m", generator=g)
     reference = data.toy2d(data_name, n, g)
     floor = data.toy2d(data_name, n, g)
-    return {"sampler": "dpmpp_2m, logsnr grid, 20 NFE", "n": n,
+    return {"sampler": f"dpmpp_2m, {default_grid(process)} grid, 20 NFE", "n": n,
             "swd_to_data": round(sliced_wasserstein(x0, reference), 4),
             "swd_data_to_data": round(sliced_wasserstein(floor, reference), 4)}
 
