@@ -80,14 +80,12 @@ class GuidanceResult:
 GUIDANCE_STEPS = [10, 20]
 
 
-def _guidance_configs(quick: bool):
+def _guidance_configs(quick: bool, process, weak, classifier):
     """(method, setting, conditional, transform) on the digits models; ``None`` for unguided."""
     import torch
 
-    from .. import guidance, models
+    from .. import guidance
 
-    weak = models.load("digits-weak")
-    classifier = models.load("digits-classifier")
     scales = [1.5, 3.0] if quick else [1.0, 1.5, 2.0, 3.0, 5.0]
     configs = [("none", "-", True, None), ("none", "-", False, None)]
     configs += [("cfg", f"w={s:g}", True, lambda m, s=s: guidance.cfg(m, s)) for s in scales if s != 1.0]
@@ -98,8 +96,6 @@ def _guidance_configs(quick: bool):
                 for c in (True, False) for s in ([2.0] if quick else [1.5, 2.0, 3.0])]
     configs += [("pag", f"s={s:g}", c, lambda m, s=s: guidance.perturbed_attention(m, s))
                 for c in (True, False) for s in ([2.0] if quick else [1.0, 2.0, 3.0])]
-    process = models.load("digits").process
-
     def clean(x0):  # the noise-conditioned classifier at the smallest noise level judges clean estimates
         return classifier(x0, torch.full((x0.shape[0],), process.t_min, device=x0.device))
 
@@ -122,7 +118,8 @@ def run_guidance(quick: bool = False, log: Callable[[str], None] = print) -> lis
     model = models.load("digits")
     weak = models.load("digits-weak")
     results = []
-    for method, setting, conditional, transform in _guidance_configs(quick):
+    for method, setting, conditional, transform in _guidance_configs(quick, model.process, weak,
+                                                                     models.load("digits-classifier")):
         for steps in [10] if quick else GUIDANCE_STEPS:
             model.nfe = weak.nfe = 0
             # Classifier guidance hands the label to the classifier and calls the model without it.
