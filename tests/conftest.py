@@ -52,6 +52,7 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("seeds_2", {"eta": 0.0}),
     ("seeds_2", {"solver_type": "phi_2"}),
     ("seeds_3", {"eta": 0.0}),
+    ("er_sde", {"max_stage": 2}),
     ("dpm_solver_singlestep", {"solver_type": "paper"}),
 ]
 

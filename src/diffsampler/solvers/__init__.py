@@ -13,6 +13,7 @@ from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
+from .er_sde import ERSDE
 from .lms import DEIS, IPNDM, IPNDMV, LMS
 from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
@@ -22,9 +23,10 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
-           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3"]
+           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE"]
 
 REGISTRY: dict[str, type[Solver]] = {
+    "er_sde": ERSDE,
     "euler": Euler,
     "heun": Heun,
     "ddim": DDIM,
