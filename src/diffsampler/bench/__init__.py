@@ -46,7 +46,7 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
         old["models"] = run_models(quick=quick, log=log)
         old["guidance"] = run_guidance(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
-    if "command" in old and old["command"] != command:
+    if "command" in old:  # a partial run: say which sections came from which command
         command = f"{old['command']}, then {command} --section {' --section '.join(sections)}"
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
@@ -83,6 +83,7 @@ def _load(root: Path) -> dict:
         "models": [ModelResult(**m) for m in data.get("models", [])],
         "guidance": [GuidanceResult(**m) for m in data.get("guidance", [])],
         "machine": data["machine"],
+        "versions": data.get("versions"),
     }
 
 
@@ -94,6 +95,6 @@ def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
     old = _load(root)
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, root, old["command"], old["machine"], old["models"],
-                        old["guidance"])
+                        old["guidance"], old["versions"])
     log(f"rewrote {path} from benchmarks/results.json")
     return path

@@ -123,12 +123,12 @@ def _plot_overhead(timings: list[Timing], out: Path) -> str:
 
 def write_report(results: list[Result], failures: list[Failure], dist: list[DistResult], timings: list[Timing],
                  root: Path, command: str, machine: str, model_results: list | None = None,
-                 guidance_results: list | None = None) -> Path:
+                 guidance_results: list | None = None, versions: dict | None = None) -> Path:
     assets = root / "benchmarks"
     assets.mkdir(parents=True, exist_ok=True)
     best = best_per_nfe(results)
     ratios = ratio_rows(timings)
-    versions = _versions()
+    versions = versions or _versions()  # a rewrite keeps the versions (and thread count) of the run
     (assets / "results.json").write_text(json.dumps({
         "command": command, "machine": machine, "versions": versions,
         "accuracy": [dataclasses.asdict(r) for r in results],
