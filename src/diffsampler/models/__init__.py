@@ -75,14 +75,18 @@ def load(name: str, root: str | Path | None = None, device: str | torch.device =
     ``root`` reads the weights from another directory (e.g. the output of
     ``diffsampler train``). Networks run in float32 whatever the sample's dtype.
     """
-    spec = SPECS.get(name)
-    if spec is None:
+    if name not in SPECS:
         raise ValueError(f"models.load: name must be one of {names()}, got {name!r}")
-    net = load_network(name, root, device)
+    return _wrap(name, load_network(name, root, device))
+
+
+def _wrap(name: str, net: torch.nn.Module):
+    """The network of ``name`` as users get it: a Denoiser for denoisers, else the module itself."""
+    spec = SPECS[name]
     if spec.kind != "denoiser":
         return net
-    null = null_label if spec.conditioning else None
-    return Denoiser(net, PROCESSES[spec.process](), spec.prediction, name=name, null=null)
+    return Denoiser(net, PROCESSES[spec.process](), spec.prediction, name=name,
+                    null=null_label if spec.conditioning else None)
 
 
 def make(name: str, root: str | Path | None = None, progress=None, log=print, steps: int | None = None) -> Path:
@@ -100,8 +104,7 @@ def make(name: str, root: str | Path | None = None, progress=None, log=print, st
     root.mkdir(parents=True, exist_ok=True)
     net, meta = train(name, progress, steps)
     spec = SPECS[name]
-    model = net if spec.kind != "denoiser" else Denoiser(net, PROCESSES[spec.process](), spec.prediction,
-                                                         name=name, null=null_label if spec.conditioning else None)
+    model = _wrap(name, net)
     evaluator = None
     if spec.kind == "denoiser" and spec.data == "digits":
         local = root / "digits-evaluator.safetensors"

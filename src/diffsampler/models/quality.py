@@ -47,13 +47,14 @@ def default_grid(process) -> str:
 
 
 def digits_samples(model, *, per_class: int = 10, solver: str = "dpmpp_2m", steps: int = 15,
-                   grid: str | None = None, scale: float = 1.0, seed: int = 0, guide=None, condition: bool = True,
-                   **options) -> tuple[torch.Tensor, torch.Tensor]:
+                   grid: str | None = None, scale: float = 1.0, seed: int = 0, guide=None,
+                   condition: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images (10 per_class, 1, 8, 8), labels)``: ``per_class`` samples of every digit.
 
     ``scale`` is the classifier-free guidance weight; ``guide`` replaces it by any
-    transform ``model -> model``. ``grid`` defaults to :func:`default_grid`. With ``condition=False`` the model is called
-    without labels (unconditional) unless the transform consumes them.
+    transform ``model -> model``. ``grid`` defaults to :func:`default_grid`. With
+    ``condition=False`` no label is passed (the unconditional model; ``labels`` are
+    then only the order the samples were drawn in).
     """
     labels = torch.arange(10).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +64,7 @@ def digits_samples(model, *, per_class: int = 10, solver: str = "dpmpp_2m", step
     with torch.no_grad():
         cond = {"label": labels} if condition else {}
         grid = grid or default_grid(process)
-        x0 = sample(guided, x_t, grids.get(grid, process, steps), solver, generator=g, **cond, **options)
+        x0 = sample(guided, x_t, grids.get(grid, process, steps), solver, generator=g, **cond)
     return x0, labels
 
 

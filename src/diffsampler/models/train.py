@@ -73,20 +73,19 @@ def _toy(name: str, data_name: str) -> ModelSpec:
 
 _DIGITS_LABEL = {"label": f"LongTensor of digit classes 0-9; {nets.NULL_LABEL} is the null label (unconditional)"}
 
+_DIGITS = ModelSpec("digits", "denoiser", nets.DigitsUNet, "digits", steps=7000, batch=128, lr=1e-3, seed=0,
+                    process="VP.cosine()", prediction="eps", label_dropout=0.15, conditioning=_DIGITS_LABEL,
+                    description="class-conditional UNet with self-attention on 8x8 digits, VP cosine, eps prediction")
+
 SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     _toy("toy2d-moons", "moons"),
     _toy("toy2d-ring8", "ring8"),
     _toy("toy2d-swissroll", "swissroll"),
-    ModelSpec("digits", "denoiser", nets.DigitsUNet, "digits", steps=7000, batch=128, lr=1e-3, seed=0,
-              process="VP.cosine()", prediction="eps", label_dropout=0.15, conditioning=_DIGITS_LABEL,
-              description="class-conditional UNet with self-attention on 8x8 digits, VP cosine, eps prediction"),
-    ModelSpec("digits-weak", "denoiser", nets.DigitsUNet, "digits", steps=7000, batch=128, lr=1e-3, seed=0,
-              process="VP.cosine()", prediction="eps", label_dropout=0.15, conditioning=_DIGITS_LABEL,
-              snapshot=("digits", 700),
-              description="the digits UNet after a tenth of its training (for autoguidance)"),
-    ModelSpec("digits-flow", "denoiser", nets.DigitsUNet, "digits", steps=7000, batch=128, lr=1e-3, seed=1,
-              process="Flow()", prediction="velocity", label_dropout=0.15, conditioning=_DIGITS_LABEL,
-              description="class-conditional UNet on 8x8 digits, rectified flow, velocity prediction"),
+    _DIGITS,
+    replace(_DIGITS, name="digits-weak", snapshot=("digits", 700),
+            description="the digits UNet after a tenth of its training (for autoguidance)"),
+    replace(_DIGITS, name="digits-flow", seed=1, process="Flow()", prediction="velocity",
+            description="class-conditional UNet on 8x8 digits, rectified flow, velocity prediction"),
     ModelSpec("digits-classifier", "noisy_classifier", nets.NoisyDigitsClassifier, "digits", steps=4000,
               batch=256, lr=1e-3, seed=2, process="VP.cosine()",
               description="noise-conditioned classifier of VP-cosine noisy digits, for classifier guidance"),
@@ -116,7 +115,7 @@ def _target(process: Process, prediction: str, t: torch.Tensor, x0: torch.Tensor
 
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random translations by up to one pixel (zero-filled), an augmentation for the evaluator."""
+    """Random translations by up to one pixel (filled with the blank value -1), the evaluator's augmentation."""
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
     dy, dx = torch.randint(0, 3, (2,), generator=g).tolist()
     return padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
