@@ -14,7 +14,7 @@ from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .er_sde import ERSDE
-from .lms import DEIS, IPNDM, IPNDMV, LMS
+from .lms import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation
 from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
@@ -23,11 +23,13 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
-           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE"]
+           "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
+           "GradientEstimation"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
     "euler": Euler,
+    "gradient_estimation": GradientEstimation,
     "heun": Heun,
     "ddim": DDIM,
     "ddpm": DDPM,

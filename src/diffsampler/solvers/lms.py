@@ -13,6 +13,7 @@ quadrature (polynomial times exponential), once per grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,7 +24,8 @@ from numpy.polynomial import polynomial as P
 from .base import Knots, Solver
 from .multistep import OrderedMultistep
 
-__all__ = ["LMS", "DEIS", "lagrange_integrals", "log_lagrange_integrals"]
+__all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_integrals", "log_lagrange_integrals",
+           "ipndm_v_weights"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -229,3 +231,32 @@ class IPNDMV(IPNDM):
         if hi == 0.0:
             return [-lo]
         return ipndm_v_weights(nodes, lo, hi)
+
+
+@dataclass(frozen=True)
+class GradientEstimation(_AdamsBashforth):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models from an
+    Optimization Perspective", arXiv:2306.04848; ComfyUI's ``gradient_estimation``): Euler in sigma with
+    the derivative extrapolated as ``ge_gamma d_i + (1 - ge_gamma) d_{i-1}`` (first step plain Euler).
+
+    The default ``ge_gamma = 2`` over-extrapolates on purpose (it is not Adams-Bashforth's 3/2): the method
+    is first order, and reaches that slope only beyond ~200 steps (measured local slopes 0.5-0.8 at 16-64
+    steps, 0.93-0.96 at 256-512). 1 NFE per step.
+    """
+
+    ge_gamma: float = 2.0
+
+    name = "gradient_estimation"
+    order = 1
+    paper = "Permenter & Yuan 2024, arXiv:2306.04848 (ComfyUI's form)"
+
+    def __post_init__(self):
+        self._require(isinstance(self.ge_gamma, (int, float)) and math.isfinite(self.ge_gamma), "ge_gamma",
+                      "a finite number")
+
+    def _orders(self, knots):
+        return [min(i + 1, 2) for i in range(len(knots))]
+
+    def _weights(self, nodes, lo, hi):
+        h = hi - lo
+        return [h] if len(nodes) == 1 else [self.ge_gamma * h, (1.0 - self.ge_gamma) * h]
