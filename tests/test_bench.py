@@ -77,3 +77,22 @@ def test_one_section_reruns_alone_and_keeps_the_others(quick_run, tmp_path):
     assert after["overhead"] != before["overhead"]  # re-measured
     with pytest.raises(ValueError, match="sections must be a non-empty subset"):
         run(quick=True, root=tmp_path, sections=("speed",))
+
+
+def test_budget_steps_spend_the_budget_and_no_more():
+    """Steps within an NFE budget on a grid into t = 0, for every solver: the counted NFE never exceeds it."""
+    import torch
+
+    import diffsampler as ds
+    from diffsampler.bench.accuracy import budget_steps
+
+    p = ds.VP.scaled_linear()
+    gmm = ds.testbeds.ring8()
+    x = p.prior((2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name in ds.solvers.names():
+        cls = ds.solvers.REGISTRY[name]
+        for budget in (5, 10):
+            model = gmm.denoiser(p, "eps")
+            ds.sample(model, x, ds.grids.karras(p, budget_steps(cls, budget)), name,
+                      generator=torch.Generator().manual_seed(1))
+            assert budget - cls.nfe_per_step < model.nfe <= budget, (name, budget, model.nfe)

@@ -202,6 +202,8 @@ DIFFUSERS_CASES = [
      ds.solvers.UniPC(3, "bh1")),
     ("UniPCMultistepScheduler", {"solver_order": 1}, ds.solvers.UniPC(1)),
     ("UniPCMultistepScheduler", {"disable_corrector": list(range(100))}, ds.solvers.UniPC(corrector=False)),
+    ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),
+    ("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": True, "steps_offset": 1}, "plms"),
     ("DPMSolverSinglestepScheduler", {"lower_order_final": True}, "dpmpp_singlestep"),
     ("DPMSolverSinglestepScheduler", {"lower_order_final": True, "solver_order": 3, "solver_type": "heun"},
      ds.solvers.DPMppSinglestep(3, "heun")),

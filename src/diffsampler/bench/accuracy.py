@@ -115,9 +115,13 @@ def _our_configs(process: Process):
             yield name, cls, grid
 
 
-def _our_steps(cls, nfe: int) -> int:
-    # A final step into t = 0 of a 2-NFE solver costs one evaluation (it is an Euler step).
-    return max(1, (nfe + cls.nfe_per_step - 1) // cls.nfe_per_step) if cls.nfe_per_step > 1 else nfe
+def budget_steps(cls, nfe: int) -> int:
+    """Steps of solver class ``cls`` within ``nfe`` network evaluations on a grid ending at t = 0.
+
+    The final step into t = 0 of a multi-stage solver costs one evaluation (it returns the data
+    estimate), and ``extra_nfe`` is spent once per run.
+    """
+    return max(1, -(-(nfe - cls.extra_nfe) // cls.nfe_per_step))
 
 
 def _diffusers_configs(problem: Problem) -> list[tuple[str, str, dict]]:
@@ -189,7 +193,7 @@ def run_accuracy(quick: bool = False, n: int = 256,
         for target in nfes:
             for name, cls, grid_name in _our_configs(prob.process):
                 try:
-                    grid = _grids.get(grid_name, prob.process, _our_steps(cls, target))
+                    grid = _grids.get(grid_name, prob.process, budget_steps(cls, target))
                 except ValueError:
                     continue  # e.g. log-SNR spacing from t = 1 of a flow
                 model.nfe = 0

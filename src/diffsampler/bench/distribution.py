@@ -21,7 +21,7 @@ from ..loop import sample
 from ..noise import StepNoise
 from ..process import Flow
 from . import peers
-from .accuracy import Problem, problems
+from .accuracy import Problem, budget_steps, problems
 
 __all__ = ["DistResult", "run_distribution", "sliced_wasserstein"]
 
@@ -88,8 +88,7 @@ def _run_problem(prob: Problem, nfes: list[int], n: int) -> list[DistResult]:
 
     for target in nfes:
         for name, cls in _our_stochastic():
-            steps = max(1, (target + 1) // 2) if cls.nfe_per_step == 2 else target
-            grid = _grids.get(grid_name, prob.process, steps)
+            grid = _grids.get(grid_name, prob.process, budget_steps(cls, target))
             model.nfe = 0
             x = sample(model, x_T, grid, cls(), generator=torch.Generator().manual_seed(2))
             record("diffsampler", f"{name} {grid_name}", target, x)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import solvers as _solvers
+from .accuracy import budget_steps
 
 __all__ = ["ModelResult", "GuidanceResult", "run_models", "run_guidance", "SCALE"]
 
@@ -51,7 +52,7 @@ def run_models(quick: bool = False, log: Callable[[str], None] = print) -> list[
         for solver in QUICK_SOLVERS if quick else SOLVERS:
             cls = _solvers.REGISTRY[solver]
             for nfe in QUICK_NFES if quick else NFES:
-                steps = max(1, round(nfe / cls.nfe_per_step))
+                steps = budget_steps(cls, nfe)
                 model.nfe = 0
                 start = time.perf_counter()
                 images, labels = digits_samples(model, per_class=20 if quick else 50, solver=solver, steps=steps,

@@ -15,6 +15,7 @@ from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .er_sde import ERSDE
 from .lms import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation
+from .pndm import PLMS
 from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
@@ -24,7 +25,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation"]
+           "GradientEstimation", "PLMS"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -53,6 +54,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_sde": DPMppSDE,
     "dpmpp_singlestep": DPMppSinglestep,
     "dpmpp_3m_sde": DPMpp3MSDE,
+    "plms": PLMS,
     "res_multistep": RESMultistep,
     "seeds_2": SEEDS2,
     "seeds_3": SEEDS3,

@@ -16,6 +16,7 @@ All history (previous model outputs, step ratios) lives in the returned state.
 
 Metadata: ``order`` is the convergence order (never "model calls per step"),
 ``nfe_per_step`` the network evaluations per step (the last step may use fewer),
+``extra_nfe`` evaluations spent once per run beyond those (PLMS's warm-up),
 ``stochastic`` whether the solver draws noise, ``paper`` the citation.
 """
 
@@ -86,6 +87,8 @@ class Solver:
     # True for solvers whose noise must come from a Brownian path (they ask for
     # increments over arbitrary intervals with noise.between(a, b)).
     brownian: ClassVar[bool] = False
+    # Network evaluations spent once per run on top of nfe_per_step per step.
+    extra_nfe: ClassVar[int] = 0
 
     @property
     def stochastic(self) -> bool:
