@@ -81,7 +81,6 @@ def test_rescale_matches_its_definition(space):
     p, model, _, x, label = _setup()
     t, w, phi = 0.4, 5.0, 0.7
     c = model(x, t, label=label)
-    u = model(x, t, label=torch.full_like(label, GMM.NULL_LABEL))
     plain = ds.guidance.cfg(model, w)(x, t, label=label)
     out = ds.guidance.cfg(model, w, rescale=phi, rescale_space=space)(x, t, label=label)
     guided, cond = (plain.x0, c.x0) if space == "x0" else (plain.eps, c.eps)
@@ -92,7 +91,6 @@ def test_rescale_matches_its_definition(space):
     # phi = 1: the per-sample standard deviation is the conditional one.
     full = ds.guidance.cfg(model, w, rescale=1.0, rescale_space=space)(x, t, label=label)
     torch.testing.assert_close((full.x0 if space == "x0" else full.eps).std(dim=1), cond.std(dim=1))
-    del u
 
 
 def test_cfg_with_scale_one_samples_the_conditional_model_with_every_solver():

@@ -63,6 +63,11 @@ class Prediction(NamedTuple):
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
+def time_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the time handed to networks with samples ``x``: float64 for float64 samples, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _broadcast(c, x: torch.Tensor):
     """A per-sample coefficient (shape (B,)) as a tensor that broadcasts against ``x``."""
     if isinstance(c, torch.Tensor) and c.ndim > 0:
@@ -157,13 +162,13 @@ class Denoiser:
         The time tensor handed to the network is shared between calls at the same
         time and batch shape: networks must treat their inputs as read-only.
         """
-        time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tdtype = time_dtype(x)
         if isinstance(t, torch.Tensor) and t.ndim > 0:
             coefficients = None
-            tin = self.time_input(t).to(device=x.device, dtype=time_dtype)
+            tin = self.time_input(t).to(device=x.device, dtype=tdtype)
         else:
             t = float(t)
-            key = (t, x.shape[0], time_dtype, x.device)
+            key = (t, x.shape[0], tdtype, x.device)
             cached = self._cache.get(key)
             if cached is None:
                 # Solvers evaluate at the same few grid times over and over: compute the
@@ -171,7 +176,7 @@ class Denoiser:
                 if len(self._cache) > 4096:
                     self._cache.clear()
                 coefficients = _coefficients(self.process, t, self.prediction)
-                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=time_dtype, device=x.device)
+                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=tdtype, device=x.device)
                 cached = self._cache[key] = (coefficients, tin)
             coefficients, tin = cached
         out = self.fn(x, tin, **cond)

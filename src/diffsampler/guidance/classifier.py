@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..denoiser import Prediction, _broadcast
+from ..denoiser import Prediction, _broadcast, time_dtype
 from .base import DenoiserTransform
 from .cfg import _check_scale
 
@@ -38,7 +38,7 @@ def _label_of(cond: dict, key: str, batch: int, who: str) -> torch.Tensor:
 def time_tensor(t, x: torch.Tensor) -> torch.Tensor:
     """Process time as a tensor of shape ``(batch,)``: float64 for float64 samples, else float32
     (the classifiers' time input, as a Denoiser hands time to its network)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = time_dtype(x)
     if isinstance(t, torch.Tensor) and t.ndim > 0:
         return t.to(device=x.device, dtype=dtype)
     return torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import Knots, Solver
+from .base import Knots, NoiseOptions, Solver
 from .expint import ancestral_split, data_move
 from .karras import dpm2_move, dpm2_plan, frame_point
 
@@ -32,19 +32,8 @@ class AncestralState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Ancestral(Solver):
-    eta: float = 1.0
-    s_noise: float = 1.0
-
+class _Ancestral(NoiseOptions, Solver):
     nfe_per_step = 2
-
-    def __post_init__(self):
-        self._require_finite_nonneg("eta")
-        self._require_finite_nonneg("s_noise")
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0 and self.s_noise > 0
 
     def _midpoint(self, process, a_t: float, down_t: float) -> float:
         raise NotImplementedError

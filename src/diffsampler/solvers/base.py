@@ -32,7 +32,7 @@ import torch
 from ..denoiser import Prediction
 from ..process import Process
 
-__all__ = ["Knots", "Solver", "Model"]
+__all__ = ["Knots", "Solver", "Model", "NoiseOptions"]
 
 Model = Callable[[torch.Tensor, Any], Prediction]
 
@@ -119,3 +119,20 @@ class Solver:
         v = getattr(self, option)
         self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
                       option, "a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """The options of solvers that inject noise at every step: ``eta`` (0 integrates the probability-flow
+    ODE, 1 the reverse SDE) and ``s_noise`` (a scale on the injected noise). Mix in before ``Solver``."""
+
+    eta: float = 1.0
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        self._require_finite_nonneg("eta")
+        self._require_finite_nonneg("s_noise")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0 and self.s_noise > 0

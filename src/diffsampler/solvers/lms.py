@@ -30,6 +30,13 @@ __all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_int
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
+def gauss_legendre(f, lo: float, hi: float) -> float:
+    """``integral_lo^hi f`` by 24-point Gauss-Legendre quadrature (``f`` vectorised over numpy arrays);
+    exact for polynomials up to degree 47, round-off for smooth integrands over a solver step."""
+    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    return float(half * np.sum(_GL_WEIGHTS * f(mid + half * _GL_NODES)))
+
+
 def lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[float]:
     """``[integral_lo^hi L_j(s) ds for j]`` for the Lagrange basis through ``nodes``."""
     out = []
@@ -46,16 +53,17 @@ def lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[float]:
 def log_lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[float]:
     """``[integral_lo^hi L_j(log s) ds for j]`` for the Lagrange basis in ``log s`` through ``nodes``."""
     u_nodes = [np.log(v) for v in nodes]
-    a, b = np.log(lo), np.log(hi)
-    u = 0.5 * (b - a) * _GL_NODES + 0.5 * (a + b)
-    out = []
-    for j, uj in enumerate(u_nodes):
-        basis = np.ones_like(u)
-        for k, uk in enumerate(u_nodes):
-            if k != j:
-                basis *= (u - uk) / (uj - uk)
-        out.append(float(0.5 * (b - a) * np.sum(_GL_WEIGHTS * basis * np.exp(u))))
-    return out
+
+    def basis_times_ds(j):  # L_j(u) e^u, the integrand in u = log s
+        def f(u):
+            out = np.exp(u)
+            for k, uk in enumerate(u_nodes):
+                if k != j:
+                    out = out * (u - uk) / (u_nodes[j] - uk)
+            return out
+        return f
+
+    return [gauss_legendre(basis_times_ds(j), np.log(lo), np.log(hi)) for j in range(len(u_nodes))]
 
 
 class LMSState(NamedTuple):
@@ -75,6 +83,11 @@ class _AdamsBashforth(Solver):
 
     def _orders(self, knots: Knots) -> list[int]:
         raise NotImplementedError
+
+    @staticmethod
+    def _warm_up(knots: Knots, order: int) -> list[int]:
+        """Orders 1, 2, ... up to ``order``: each step uses the derivatives computed so far."""
+        return [min(i + 1, order) for i in range(len(knots))]
 
     def _weights(self, nodes: list[float], lo: float, hi: float) -> list[float]:
         raise NotImplementedError
@@ -121,7 +134,7 @@ class LMS(_AdamsBashforth):
         return min(self.lms_order, 2)
 
     def _orders(self, knots):
-        return [min(i + 1, self.lms_order) for i in range(len(knots))]
+        return self._warm_up(knots, self.lms_order)
 
     def _weights(self, nodes, lo, hi):
         return lagrange_integrals(nodes, lo, hi)
@@ -211,7 +224,7 @@ class IPNDM(_AdamsBashforth):
         return self.max_order
 
     def _orders(self, knots):
-        return [min(i + 1, self.max_order) for i in range(len(knots))]
+        return self._warm_up(knots, self.max_order)
 
     def _weights(self, nodes, lo, hi):
         if hi == 0.0:  # the denoising step: y' = y - s d = x0_hat
@@ -255,7 +268,7 @@ class GradientEstimation(_AdamsBashforth):
                       "a finite number")
 
     def _orders(self, knots):
-        return [min(i + 1, 2) for i in range(len(knots))]
+        return self._warm_up(knots, 2)
 
     def _weights(self, nodes, lo, hi):
         h = hi - lo

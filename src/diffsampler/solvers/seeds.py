@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Knots, Solver
+from .base import Knots, NoiseOptions, Solver
 
 __all__ = ["SEEDS2", "SEEDS3"]
 
@@ -71,20 +71,9 @@ def _stage_noise(noise, i: int, stream: int, a: float, b: float) -> torch.Tensor
 
 
 @dataclass(frozen=True)
-class _Seeds(Solver):
+class _Seeds(NoiseOptions, Solver):
     """Stage tables over the shared SEEDS step. Subclasses give the stage positions ``r_k`` in (0, 1)
     and, per stage, the data-estimate weights as a function of ``(z, r)``."""
-
-    eta: float = 1.0
-    s_noise: float = 1.0
-
-    def __post_init__(self):
-        self._require_finite_nonneg("eta")
-        self._require_finite_nonneg("s_noise")
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0 and self.s_noise > 0
 
     def _positions(self) -> tuple[float, ...]:
         raise NotImplementedError
