@@ -43,6 +43,7 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("ddim", {"eta": 0.5}),
     ("euler", {"s_churn": 10.0}),
     ("heun", {"s_churn": 10.0}),
+    ("heunpp2", {"s_churn": 10.0}),
     ("dpmpp_2m_sde", {"eta": 0.0}),
     ("unipc", {"solver_order": 3, "variant": "bh1"}),
     ("unipc", {"predictor": "dpmpp", "corrector": True}),

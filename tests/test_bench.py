@@ -95,4 +95,6 @@ def test_budget_steps_spend_the_budget_and_no_more():
             model = gmm.denoiser(p, "eps")
             ds.sample(model, x, ds.grids.karras(p, budget_steps(cls, budget)), name,
                       generator=torch.Generator().manual_seed(1))
-            assert budget - cls.nfe_per_step < model.nfe <= budget, (name, budget, model.nfe)
+            steps = budget_steps(cls, budget)
+            assert model.nfe == cls.run_nfe(steps, into_zero=True) <= budget < cls.run_nfe(steps + 1, True), \
+                (name, budget, model.nfe)

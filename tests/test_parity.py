@@ -317,3 +317,57 @@ def test_diffusers_dpmpp_karras_feeds_the_network_a_rounded_timestep():
     grid = torch.tensor([min(max(float(p.t_of_ode_sigma(float(s))), p.t_min), 1.0) for s in sig[:-1]] + [0.0])
     mine = ds.sample(model, x, grid, "dpmpp_2m")
     assert rel(theirs, mine) > 1e-5
+
+
+# -- ComfyUI (not installable: its samplers live in the application) --------------------------------
+# Each reference below is our transcription of a ComfyUI sampling loop in k-diffusion's sigma
+# coordinates, written independently of the solver it checks (different state, different algebra).
+
+def _kd_model(model):
+    return peers.kdiffusion_denoiser(model)
+
+
+def _comfy_heunpp2(D, x, sigmas, churn, draws, s_tmin=0.0, s_tmax=float("inf")):
+    s_end, n = sigmas[-1], len(sigmas) - 1
+    for i in range(n):
+        gamma = min(churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + draws(i) * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        d = (x - D(x, sigma_hat)) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = (x_2 - D(x_2, sigmas[i + 1])) / sigmas[i + 1]
+        if sigmas[i + 2] == s_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+            continue
+        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+        d_3 = (x_3 - D(x_3, sigmas[i + 2])) / sigmas[i + 2]
+        w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+@pytest.mark.parametrize("churn", [0.0, 20.0])
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm"])
+def test_heunpp2_is_comfyuis_loop(key, churn):
+    """(Churn only below the grid's first noise level: ours never raises the noise past the process's t_max.)"""
+    from diffsampler.noise import StepNoise
+
+    p = KD_PROCESSES[key]()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p)
+    grid = ds.grids.karras(p, 10)
+    mine = ds.sample(model, x, grid, ds.solvers.HeunPP2(s_churn=churn, s_tmin=0.5, s_tmax=10.0),
+                     generator=torch.Generator().manual_seed(5))
+    noise = StepNoise.from_generator(torch.Generator().manual_seed(5), x.shape, x.dtype, x.device)
+    sigmas = [float(p.ode_sigma(float(t))) for t in grid]
+    D = _kd_model(model)
+    sig = lambda s: torch.full((len(x),), s, dtype=x.dtype)  # noqa: E731
+    y = _comfy_heunpp2(lambda y, s: D(y, sig(s)), x / float(p.ode_scale(float(grid[0]))), sigmas, churn,
+                       noise.draw, s_tmin=0.5, s_tmax=10.0)
+    assert rel(y, mine) < 1e-12

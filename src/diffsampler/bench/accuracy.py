@@ -116,12 +116,12 @@ def _our_configs(process: Process):
 
 
 def budget_steps(cls, nfe: int) -> int:
-    """Steps of solver class ``cls`` within ``nfe`` network evaluations on a grid ending at t = 0.
-
-    The final step into t = 0 of a multi-stage solver costs one evaluation (it returns the data
-    estimate), and ``extra_nfe`` is spent once per run.
-    """
-    return max(1, -(-(nfe - cls.extra_nfe) // cls.nfe_per_step))
+    """The most steps of solver class ``cls`` within ``nfe`` network evaluations on a grid ending at
+    t = 0 (at least one), by the class's own count ``run_nfe``."""
+    steps = 1
+    while cls.run_nfe(steps + 1, into_zero=True) <= nfe:
+        steps += 1
+    return steps
 
 
 def _diffusers_configs(problem: Problem) -> list[tuple[str, str, dict]]:

@@ -13,6 +13,7 @@ from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
+from .heunpp import HeunPP2
 from .er_sde import ERSDE
 from .lms import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation
 from .pndm import PLMS
@@ -25,13 +26,14 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS"]
+           "GradientEstimation", "PLMS", "HeunPP2"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
     "euler": Euler,
     "gradient_estimation": GradientEstimation,
     "heun": Heun,
+    "heunpp2": HeunPP2,
     "ddim": DDIM,
     "ddpm": DDPM,
     "dpm_2": DPM2,

@@ -17,6 +17,7 @@ All history (previous model outputs, step ratios) lives in the returned state.
 Metadata: ``order`` is the convergence order (never "model calls per step"),
 ``nfe_per_step`` the network evaluations per step (the last step may use fewer),
 ``extra_nfe`` evaluations spent once per run beyond those (PLMS's warm-up),
+``run_nfe(steps, into_zero)`` the evaluations of a whole run,
 ``stochastic`` whether the solver draws noise, ``paper`` the citation.
 """
 
@@ -98,6 +99,12 @@ class Solver:
     def global_order(self) -> int:
         """The order of the whole run, which warm-up steps of lower order can cap below ``order``."""
         return self.order
+
+    @classmethod
+    def run_nfe(cls, steps: int, into_zero: bool = False) -> int:
+        """Network evaluations of a run of ``steps`` steps (at default options). A multi-stage step
+        into ``t = 0`` costs one evaluation: it returns the data estimate."""
+        return steps * cls.nfe_per_step + cls.extra_nfe - (cls.nfe_per_step - 1 if into_zero else 0)
 
     def init(self, knots: Knots, x: torch.Tensor) -> Any:
         raise NotImplementedError
