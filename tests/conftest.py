@@ -50,6 +50,8 @@ SOLVER_CONFIGS = [(n, {}) for n in ds.solvers.names()] + [
     ("dpm_2", {"s_churn": 5.0}),
     ("dpmpp_2s_ancestral", {"eta": 0.0}),
     ("lms", {"lms_order": 2}),
+    ("deis", {"deis_mode": "tab"}),
+    ("deis", {"deis_mode": "rhoab", "solver_order": 3}),
     ("seeds_2", {"eta": 0.0}),
     ("seeds_2", {"solver_type": "phi_2"}),
     ("seeds_3", {"eta": 0.0}),

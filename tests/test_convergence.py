@@ -233,3 +233,50 @@ def test_seeds_without_noise_converge_at_their_order(key, name, order):
     """SEEDS with eta = 0 are exponential Runge-Kutta methods for the probability-flow ODE."""
     measured, errors = measured_order(key, "mixture", ds.solvers.get(name, eta=0.0))
     assert order - 0.3 < measured < order + 0.3, (measured, errors)
+
+
+@pytest.mark.parametrize("mode", ["tab", "rhoab"])
+@pytest.mark.parametrize("key", list(PROCESSES))
+def test_deis_modes_converge_at_their_order(key, mode):
+    """DEIS's t-AB and rho-AB (solver_order 3) land between their global order 2 and step order 3."""
+    order, errors = measured_order(key, "mixture", ds.solvers.DEIS(solver_order=3, deis_mode=mode))
+    assert 1.7 < order < 3.3, (order, errors)
+
+
+def test_deis_rhoab_is_kdiffusions_lms():
+    """The same weights; only the step into t = 0 differs (first order in DEIS, as in diffusers and
+    ComfyUI), so the grid stops at the smallest noise here."""
+    p = ds.VP.cosine()
+    model = MIXTURE.denoiser(p, "eps")
+    x_T = p.prior((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = ds.grids.karras(p, 12, end="min")
+    deis = ds.solvers.DEIS(solver_order=3, deis_mode="rhoab", lower_order_final=False)
+    torch.testing.assert_close(ds.sample(model, x_T, g, deis), ds.sample(model, x_T, g, ds.solvers.LMS(3)),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["vp_linear", "vp_cosine", "edm"])
+def test_deis_tab_weights_integrate_polynomials_in_time_exactly(key):
+    """A t-AB step of order k is exact when the noise estimate is a polynomial of degree k - 1 in the
+    process time: its weights reproduce the integral in rho of that polynomial (scipy's quad on t(rho))."""
+    from scipy.integrate import quad
+    from diffsampler.solvers.lms import time_lagrange_integrals
+
+    p = make_process(key)
+    t_nodes = [0.6, 0.7, 0.8] if key != "edm" else [20.0, 30.0, 45.0]
+    lo, hi = float(p.ode_sigma(t_nodes[0])), float(p.ode_sigma(0.8 * t_nodes[0]))
+    poly = lambda t: 0.3 - 1.1 * t + 0.7 * t * t  # noqa: E731
+    weights = time_lagrange_integrals(p, t_nodes, lo, hi)
+    got = sum(w * poly(t) for w, t in zip(weights, t_nodes))
+    want = quad(lambda rho: poly(float(p.t_of_ode_sigma(rho))), lo, hi, epsabs=1e-14, epsrel=1e-13)[0]
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_deis_tab_is_rhoab_on_flows():
+    """For flows the solver's rho is the time itself, so the two modes are one method."""
+    p = ds.Flow()
+    model = MIXTURE.denoiser(p, "velocity")
+    x_T = p.prior((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = ds.grids.uniform(p, 10)
+    run = lambda mode: ds.sample(model, x_T, g, ds.solvers.DEIS(solver_order=3, deis_mode=mode))  # noqa: E731
+    torch.testing.assert_close(run("tab"), run("rhoab"), rtol=1e-12, atol=1e-12)

@@ -25,7 +25,7 @@ from .base import Knots, Solver
 from .multistep import OrderedMultistep
 
 __all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_integrals", "log_lagrange_integrals",
-           "ipndm_v_weights"]
+           "ipndm_v_weights", "time_lagrange_integrals"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -92,11 +92,14 @@ class _AdamsBashforth(Solver):
     def _weights(self, nodes: list[float], lo: float, hi: float) -> list[float]:
         raise NotImplementedError
 
+    def _step_weights(self, knots: Knots, i: int, k: int) -> list[float]:
+        """Weights of ``d_i, ..., d_{i-k+1}`` over step ``i``: by default Lagrange in ``s`` through the last ``k`` knots."""
+        return self._weights([knots.s[i - j] for j in range(k)], knots.s[i], knots.s[i + 1])
+
     def init(self, knots: Knots, x) -> LMSState:
         coef = []
         for i, k in enumerate(self._orders(knots)):
-            nodes = [knots.s[i - j] for j in range(k)]
-            coef.append(tuple(self._weights(nodes, knots.s[i], knots.s[i + 1])))
+            coef.append(tuple(self._step_weights(knots, i, k)))
         return LMSState(knots.t, knots.scale, knots.s, tuple(coef), max(len(c) for c in coef) - 1, ())
 
     def step(self, model, x, i, state, noise):
@@ -142,24 +145,64 @@ class LMS(_AdamsBashforth):
 
 @dataclass(frozen=True)
 class DEIS(OrderedMultistep, _AdamsBashforth):
-    """DEIS rho-AB in log rho (diffusers' ``DEISMultistepScheduler``), ``solver_order`` 1 to 3.
+    """DEIS's Adams-Bashforth exponential integrators (Zhang & Chen 2023, arXiv:2204.13902),
+    ``solver_order`` 1 to 3.
 
-    Order 1 is DDIM. With ``lower_order_final`` the last steps drop order on grids
-    of fewer than 15 steps (diffusers' rule). ``order`` is ``solver_order``; the
-    global order is at most 2 (first-order first step). 1 NFE per step.
+    The noise estimate is extrapolated by a polynomial through the last ``solver_order``
+    estimates and integrated exactly against ``d rho`` (``rho = ode_sigma``); ``deis_mode`` picks the
+    variable of the polynomial:
+
+    * ``"logrho"`` (default): ``log rho``, diffusers' ``DEISMultistepScheduler`` (``solver_type="logrho"``);
+    * ``"rhoab"``: ``rho``, the paper's rho-AB (the weights of k-diffusion's ``sample_lms``);
+    * ``"tab"``: the process time ``t``, the paper's t-AB. ComfyUI's ``deis`` (mode ``"tab"``) maps
+      every model onto one VP-linear time and integrates with a 10,000-point Riemann sum; we use the
+      model's own process time and 24-point Gauss-Legendre quadrature in ``rho``.
+
+    Order 1 is DDIM in every mode. With ``lower_order_final`` the last steps drop order on grids of
+    fewer than 15 steps (diffusers' rule). ``order`` is ``solver_order``; the global order is at most
+    2 (first-order first step). 1 NFE per step.
     """
+
+    deis_mode: str = "logrho"
 
     name = "deis"
     paper = "Zhang & Chen 2023, arXiv:2204.13902"
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._require(self.deis_mode in ("logrho", "rhoab", "tab"), "deis_mode", '"logrho", "rhoab" or "tab"')
+
     def _orders(self, knots):
         return self.step_orders(knots)
 
-    def _weights(self, nodes, lo, hi):
-        if hi == 0.0:  # log s is unbounded into t = 0: take the Euler step, which returns the data estimate
+    def _step_weights(self, knots, i, k):
+        lo, hi = knots.s[i], knots.s[i + 1]
+        if k == 1:  # every mode's first-order step is DDIM (the Euler step in rho)
+            return [hi - lo]
+        if self.deis_mode == "rhoab":
+            return lagrange_integrals([knots.s[i - j] for j in range(k)], lo, hi)
+        if self.deis_mode == "tab":
+            return time_lagrange_integrals(knots.process, [knots.t[i - j] for j in range(k)], lo, hi)
+        if hi == 0.0:  # log rho is unbounded into t = 0: take the Euler step, which returns the data estimate
             return [-lo]
-        return log_lagrange_integrals(nodes, lo, hi)
+        return log_lagrange_integrals([knots.s[i - j] for j in range(k)], lo, hi)
 
+
+def time_lagrange_integrals(process, t_nodes: list[float], lo: float, hi: float) -> list[float]:
+    """``[integral_lo^hi L_j(t(rho)) d rho for j]``: the Lagrange basis in process time through ``t_nodes``,
+    integrated in ``rho = ode_sigma`` (DEIS's t-AB weights)."""
+
+    def basis(j):
+        def f(rho):
+            t = process.t_of_ode_sigma(torch.as_tensor(rho, dtype=torch.float64)).numpy()
+            out = np.ones_like(rho)
+            for m, tm in enumerate(t_nodes):
+                if m != j:
+                    out = out * (t - tm) / (t_nodes[j] - tm)
+            return out
+        return f
+
+    return [gauss_legendre(basis(j), lo, hi) for j in range(len(t_nodes))]
 
 
 # Adams-Bashforth weights for equal steps, of d_i, d_{i-1}, ... (orders 1 to 4).
