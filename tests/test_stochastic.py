@@ -38,6 +38,9 @@ STOCHASTIC = [
     ("er_sde", {}, 100),
     ("er_sde", {"max_stage": 1}, 200),
     ("euler_ancestral_cfg_pp", {}, 200),
+    ("sa_solver", {}, 100),
+    ("sa_solver", {"tau_window": (0.0, 1.0), "predictor_order": 2, "corrector_order": 2}, 100),
+    ("sa_solver_pece", {"tau_window": (0.0, 1.0)}, 60),
 ]
 Z_MAX = 5.0
 

@@ -17,6 +17,7 @@ from .heunpp import HeunPP2
 from .er_sde import ERSDE
 from .lms import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation
 from .pndm import PLMS
+from .sa_solver import SASolver, SASolverPECE
 from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
@@ -26,7 +27,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS", "HeunPP2"]
+           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -58,6 +59,8 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_3m_sde": DPMpp3MSDE,
     "plms": PLMS,
     "res_multistep": RESMultistep,
+    "sa_solver": SASolver,
+    "sa_solver_pece": SASolverPECE,
     "seeds_2": SEEDS2,
     "seeds_3": SEEDS3,
     "unipc": UniPC,

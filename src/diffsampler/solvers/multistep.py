@@ -7,12 +7,14 @@ moves the sample by
 
 where ``m_k`` is the model's data estimate at knot ``k`` (or its noise estimate, for
 the noise-prediction methods: ``StepPlan.kind``) and ``z_i`` fresh noise.
-A corrector (UniPC's UniC, Zhao et al. 2023) re-derives ``x_{i+1}`` once the
-model has been evaluated there, at no extra evaluation:
+A corrector (UniPC's UniC, Zhao et al. 2023; SA-Solver's stochastic Adams-Moulton
+step) re-derives ``x_{i+1}`` once the model has been evaluated there, at no extra
+evaluation, keeping the predictor's noise:
 
-    x_{i+1} <- A_i x_i + sum_j K_ij m_{i-j} + K_i,new m_{i+1}
+    x_{i+1} <- A_i x_i + sum_j K_ij m_{i-j} + K_i,new m_{i+1} + C_i z_i
 
-and that corrected value is what step ``i + 1`` starts from. A method is then a
+and that corrected value is what step ``i + 1`` starts from (a PECE method,
+``evaluate_corrected``, evaluates the model again there). A method is then a
 rule that fills the table (:meth:`LinearMultistep.plan`), and one ``step``
 serves them all. The tables are built once per grid, in float64.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
@@ -88,6 +90,9 @@ def _combine(x: torch.Tensor, A: float, weights, predictions, kind: str) -> torc
 class LinearMultistep(Solver):
     """Base of the methods that are a table of weights over past data estimates."""
 
+    # PECE: evaluate the model again at each corrected point (one more evaluation per corrected step).
+    evaluate_corrected: ClassVar[bool] = False
+
     def plan(self, knots: Knots) -> tuple[StepPlan, ...]:
         raise NotImplementedError
 
@@ -104,6 +109,10 @@ class LinearMultistep(Solver):
             if prev.K is not None:  # correct x_i with the model output just computed there
                 x = _combine(state.x_base, prev.A, prev.K[:-1], state.history, prev.kind)
                 x.add_(pred.x0 if prev.kind == "x0" else pred.eps, alpha=prev.K[-1])
+                if prev.C != 0.0:  # the predictor's own noise: a counter-based draw, so the same tensor
+                    x.add_(noise.draw(i - 1), alpha=prev.C)
+                if self.evaluate_corrected:
+                    pred = model(x, plan.t)
         answers = (pred,) + state.history
         out = _combine(x, plan.A, plan.P, answers, plan.kind)
         if plan.C != 0.0:
