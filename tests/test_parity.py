@@ -406,3 +406,24 @@ def test_sa_solver_agrees_with_diffusers_given_the_same_noise(config, ours, step
     theirs = peers.run_diffusers(sched, model, x, steps)
     mine = ds.sample(model, x, peers.diffusers_grid(sched, p), ours, generator=torch.Generator().manual_seed(5))
     assert rel(theirs, mine) < (1e-6 if max(ours.predictor_order, ours.corrector_order) <= 2 else 2e-6)
+
+
+@pytest.mark.parametrize("steps", [7, 20])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_pndm_agrees_with_diffusers_runge_kutta_start(steps, set_alpha_to_one):
+    """diffusers' PNDMScheduler with its default pseudo Runge-Kutta start (F-PNDM): 12 evaluations over the
+    first three intervals, then fourth-order PLMS. Its half steps are ``num_train_timesteps // steps // 2``
+    timesteps, the midpoint in time of its evenly spaced ("leading") timesteps at these step counts.
+    Without ``set_alpha_to_one`` its last step goes from timestep 0 to timestep 0 (a step of length zero
+    after one more network call), which a strictly decreasing grid leaves out."""
+    sched = _diffusers("PNDMScheduler", set_alpha_to_one=set_alpha_to_one)
+    p = peers.vp_process_of(sched)
+    model = GMM.denoiser(p, "eps")
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    theirs = peers.run_diffusers(sched, model, x, steps)
+    knots = [float(p.t_of_timestep(float(ts))) for ts in sched._timesteps[::-1]]
+    grid = torch.tensor(knots + [0.0] if set_alpha_to_one else knots, dtype=torch.float64)
+    counted = GMM.denoiser(p, "eps")
+    mine = ds.sample(counted, x, grid, "pndm")
+    assert counted.nfe == ds.solvers.PNDM.run_nfe(len(grid) - 1) == len(sched.timesteps) - (not set_alpha_to_one)
+    assert rel(theirs, mine) < 1e-6

@@ -16,7 +16,7 @@ from .karras import DPM2, Euler, Heun
 from .heunpp import HeunPP2
 from .er_sde import ERSDE
 from .lms import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation
-from .pndm import PLMS
+from .pndm import PLMS, PNDM
 from .sa_solver import SASolver, SASolverPECE
 from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
@@ -27,7 +27,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE"]
+           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -58,6 +58,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpmpp_singlestep": DPMppSinglestep,
     "dpmpp_3m_sde": DPMpp3MSDE,
     "plms": PLMS,
+    "pndm": PNDM,
     "res_multistep": RESMultistep,
     "sa_solver": SASolver,
     "sa_solver_pece": SASolverPECE,

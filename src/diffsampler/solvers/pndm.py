@@ -1,4 +1,4 @@
-"""PLMS: the pseudo linear multistep method of PNDM (Liu et al. 2022, "Pseudo Numerical Methods for
+"""PNDM and PLMS: the pseudo linear multistep method of PNDM (Liu et al. 2022, "Pseudo Numerical Methods for
 Diffusion Models on Manifolds", arXiv:2202.09778), as diffusers' ``PNDMScheduler(skip_prk_steps=True)``
 and Stable Diffusion's original PLMS sampler run it.
 
@@ -7,25 +7,40 @@ Every step is DDIM's "transfer" ``x' = (alpha'/alpha) x + (sigma' - alpha' sigma
 (``(55, -59, 37, -9) / 24``). The first step is the pseudo improved Euler step: a DDIM step with
 ``e_0``, a second evaluation there, and the step taken again with their mean (one extra network
 evaluation per run). The weights are a table over the multistep engine, in the noise estimate.
+
+F-PNDM (``pndm``, diffusers' ``PNDMScheduler`` with its default ``skip_prk_steps=False``) starts instead
+with three pseudo Runge-Kutta steps: classical RK4 on the transfer, with the noise estimate taken at the
+step's start, twice at its midpoint in time and at its end (4 evaluations); their start estimates seed
+the fourth-order Adams-Bashforth steps that follow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 from .base import Knots
-from .expint import data_step
+from .expint import data_move, data_step
 from .multistep import LinearMultistep, MultistepState, StepPlan
 
-__all__ = ["PLMS"]
+__all__ = ["PLMS", "PNDM"]
 
 _AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def _transfer(knots: Knots, i: int) -> tuple[float, float]:
-    """``(A, B)`` of DDIM's step in the noise estimate: ``x' = A x + B e``."""
-    a0, s0, a1, s1 = knots.alpha[i], knots.sigma[i], knots.alpha[i + 1], knots.sigma[i + 1]
+def _transfer_between(a0: float, s0: float, a1: float, s1: float) -> tuple[float, float]:
+    """``(A, B)`` of DDIM's step in the noise estimate from ``(alpha, sigma) = (a0, s0)`` to ``(a1, s1)``:
+    ``x' = A x + B e``."""
     return a1 / a0, s1 - a1 * s0 / a0
+
+
+def _transfer(knots: Knots, i: int) -> tuple[float, float]:
+    return _transfer_between(knots.alpha[i], knots.sigma[i], knots.alpha[i + 1], knots.sigma[i + 1])
+
+
+def _first_finite(knots: Knots) -> int:
+    """The first knot with alpha > 0: noise estimates before it (t = 1 of a flow) are not used."""
+    return next((i for i in range(len(knots)) if knots.alpha[i] > 0.0), 0)
 
 
 @dataclass(frozen=True)
@@ -45,9 +60,8 @@ class PLMS(LinearMultistep):
         return 2
 
     def plan(self, knots: Knots):
-        # The noise estimates before the first knot with alpha > 0 (t = 1 of a flow) are not used:
-        # the Adams-Bashforth warm-up starts again there.
-        start = next((i for i in range(len(knots)) if knots.alpha[i] > 0.0), 0)
+        # The Adams-Bashforth warm-up starts at the first knot with alpha > 0.
+        start = _first_finite(knots)
         for i in range(len(knots)):
             if knots.alpha[i] == 0.0:
                 # From t = 1 of a flow the noise form divides by alpha = 0: take DDIM's data form there
@@ -70,3 +84,67 @@ class PLMS(LinearMultistep):
         second = model(guess, state.plans[1].t)
         out = x * plan.A + (estimate(first) + estimate(second)) * (0.5 * plan.P[0])
         return out, MultistepState(state.plans, state.keep, (first,), None)
+
+
+class RungeKuttaStep(NamedTuple):
+    """One pseudo Runge-Kutta step: the midpoint time and the transfers to the midpoint and to the end."""
+
+    t: float
+    t_mid: float
+    t_next: float
+    half: tuple[float, float]
+    whole: tuple[float, float]
+    kind: str       # the estimate transferred: "eps", or "x0" from t = 1 of a flow (alpha = 0)
+
+
+class PNDMState(NamedTuple):
+    multistep: MultistepState
+    runge_kutta: tuple[Optional[RungeKuttaStep], ...]
+
+
+@dataclass(frozen=True)
+class PNDM(PLMS):
+    """F-PNDM: three pseudo Runge-Kutta steps, then PLMS's fourth-order steps (diffusers' ``PNDMScheduler``).
+    1 NFE per step plus 9 for the three Runge-Kutta steps (fewer steps: all of them Runge-Kutta, 4 NFE
+    each; a Runge-Kutta step into t = 0, where the noise estimate is undefined, is a DDIM step)."""
+
+    name = "pndm"
+    extra_nfe = 9
+    paper = "Liu et al. 2022, arXiv:2202.09778 (F-PNDM; diffusers' PNDM)"
+
+    @classmethod
+    def run_nfe(cls, steps: int, into_zero: bool = False) -> int:
+        rk = min(3, steps) - (1 if into_zero and steps <= 3 else 0)
+        return 4 * rk + (steps - rk)
+
+    def init(self, knots: Knots, x) -> PNDMState:
+        proc = knots.process
+        rk = []
+        for i in range(len(knots)):
+            if i < 3 and knots.sigma[i + 1] > 0.0:
+                t_mid = 0.5 * (knots.t[i] + knots.t[i + 1])
+                a, s, a_mid, s_mid = knots.alpha[i], knots.sigma[i], float(proc.alpha(t_mid)), float(proc.sigma(t_mid))
+                # From alpha = 0 the noise form divides by zero: the same scheme on the data estimate.
+                move, kind = (_transfer_between, "eps") if a > 0.0 else (data_move, "x0")
+                rk.append(RungeKuttaStep(knots.t[i], t_mid, knots.t[i + 1], move(a, s, a_mid, s_mid),
+                                         move(a, s, knots.alpha[i + 1], knots.sigma[i + 1]), kind))
+            else:
+                rk.append(None)
+        return PNDMState(LinearMultistep.init(self, knots, x), tuple(rk))
+
+    def step(self, model, x, i, state, noise):
+        inner = state.multistep
+        st = state.runge_kutta[i]
+        if st is None:
+            x, inner = LinearMultistep.step(self, model, x, i, inner, noise)
+            return x, state._replace(multistep=inner)
+        (a_half, b_half), (a, b) = st.half, st.whole
+        estimate = (lambda pred: pred.eps) if st.kind == "eps" else (lambda pred: pred.x0)
+        first = model(x, st.t)
+        e1 = estimate(first)
+        e2 = estimate(model(x * a_half + e1 * b_half, st.t_mid))
+        e3 = estimate(model(x * a_half + e2 * b_half, st.t_mid))
+        e4 = estimate(model(x * a + e3 * b, st.t_next))
+        out = x * a + (e1 + 2.0 * e2 + 2.0 * e3 + e4) * (b / 6.0)
+        history = ((first,) + inner.history)[:inner.keep]
+        return out, state._replace(multistep=inner._replace(history=history))
