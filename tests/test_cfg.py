@@ -168,3 +168,43 @@ def test_solvers_without_cfg_pp_do_plain_cfg_with_a_cfg_pp_model():
         a = ds.sample(ds.guidance.cfg(model, 3.0, plus_plus=True), x, grid, name, label=label)
         b = ds.sample(ds.guidance.cfg(model, 3.0), x, grid, name, label=label)
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("key", ["vp", "edm", "flow"])
+def test_dpmpp_2m_cfg_pp_is_dpmpp_2m_for_an_unguided_model(key):
+    process = {"vp": ds.VP.scaled_linear(), "edm": ds.EDM(), "flow": ds.Flow()}[key]
+    p, model, _, x, label = _setup("velocity" if key == "flow" else "eps", process)
+    grid = ds.grids.get("uniform" if key == "flow" else "karras", p, 12)
+    a = ds.sample(model, x, grid, "dpmpp_2m_cfg_pp", label=label)
+    b = ds.sample(model, x, grid, ds.solvers.DPMpp2M(lower_order_final=False), label=label)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("key", ["vp", "edm"])
+def test_dpmpp_2m_cfg_pp_is_comfyuis_loop(key):
+    """Our transcription of ComfyUI's sample_dpmpp_2m_cfg_pp in k-diffusion's sigma coordinates, on the
+    guided (c) and unconditional (u) data estimates: x' = c + e^{-h}(x - u) + (1 - e^{-h}) / (2r) (c - u_prev)."""
+    import math
+    process = {"vp": ds.VP.scaled_linear(), "edm": ds.EDM()}[key]
+    p, model, _, x, label = _setup("eps", process)
+    scale = 2.5
+    grid = ds.grids.karras(p, 10)
+    ours = ds.sample(ds.guidance.cfg(model, scale, plus_plus=True), x, grid, "dpmpp_2m_cfg_pp", label=label)
+    null = torch.full_like(label, GMM.NULL_LABEL)
+    times = grid.tolist()
+    sig = [float(p.ode_sigma(t)) for t in times]
+    y, u_prev = x / float(p.ode_scale(times[0])), None
+    for i in range(len(times) - 1):
+        xi = y * float(p.ode_scale(times[i]))
+        u = model(xi, times[i], label=null).x0
+        c = u + scale * (model(xi, times[i], label=label).x0 - u)
+        if sig[i + 1] == 0:
+            y = c
+            continue
+        h = math.log(sig[i] / sig[i + 1])
+        mix = -math.exp(-h) * u
+        if u_prev is not None:
+            r = math.log(sig[i - 1] / sig[i]) / h
+            mix = mix - math.expm1(-h) / (2 * r) * (c - u_prev)
+        y, u_prev = c + mix + math.exp(-h) * y, u
+    torch.testing.assert_close(ours, y * float(p.ode_scale(times[-1])), rtol=1e-10, atol=1e-10)

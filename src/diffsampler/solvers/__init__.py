@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import Knots, Solver
 from .ancestral import DPM2Ancestral, DPMpp2S, DPMpp2SAncestral
-from .cfgpp import EulerAncestralCFGpp, EulerCFGpp
+from .cfgpp import DPMpp2MCFGpp, EulerAncestralCFGpp, EulerCFGpp
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
@@ -27,7 +27,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM"]
+           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -52,6 +52,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "euler_cfg_pp": EulerCFGpp,
     "euler_ancestral_cfg_pp": EulerAncestralCFGpp,
     "dpmpp_2m": DPMpp2M,
+    "dpmpp_2m_cfg_pp": DPMpp2MCFGpp,
     "dpmpp_3m": DPMpp3M,
     "dpmpp_2m_sde": DPMpp2MSDE,
     "dpmpp_sde": DPMppSDE,

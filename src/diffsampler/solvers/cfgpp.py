@@ -1,12 +1,17 @@
 """The CFG++ samplers (Chung et al., 2024, "CFG++: Manifold-constrained Classifier Free Guidance
-for Diffusion Models", arXiv:2406.08070, Algorithm 1 for DDIM; ComfyUI's ``euler_cfg_pp`` and
-``euler_ancestral_cfg_pp``).
+for Diffusion Models", arXiv:2406.08070, Algorithm 1 for DDIM; ComfyUI's ``euler_cfg_pp``,
+``euler_ancestral_cfg_pp`` and ``dpmpp_2m_cfg_pp``).
 
 A CFG++ step denoises with the guided data estimate and re-noises with the
 unconditional noise estimate: ``x' = alpha' x0_guided + sqrt(sigma'^2 - c^2) eps_uncond
 + c z``, ``c`` the ancestral noise of DDIM's ``eta``. The unconditional noise comes in
 ``Prediction.renoise`` from ``ds.guidance.cfg(model, scale, plus_plus=True)``; for any
 other model these steps are DDIM's (Euler's) exactly.
+
+``dpmpp_2m_cfg_pp`` adds DPM-Solver++(2M)'s second-order term to that step, with ComfyUI's choice of
+history: the difference between the guided data estimate now and the *unconditional* one at the
+previous knot, ``x' += alpha' (1 - e^{-h}) / (2 r) (x0_guided - x0_uncond_prev)``, ``r = h_prev / h``.
+For an unguided model it is DPM-Solver++(2M) (without ``lower_order_final``).
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .base import Knots
+from .base import Knots, Solver
 from .ddim import DDIM
 
-__all__ = ["EulerCFGpp", "EulerAncestralCFGpp"]
+__all__ = ["EulerCFGpp", "EulerAncestralCFGpp", "DPMpp2MCFGpp"]
 
 
 class CFGppState(NamedTuple):
@@ -68,3 +73,50 @@ class EulerAncestralCFGpp(EulerCFGpp):
 
     name = "euler_ancestral_cfg_pp"
     paper = "Chung et al. 2024, arXiv:2406.08070 (CFG++; ComfyUI's euler_ancestral_cfg_pp)"
+
+
+class DPMpp2MCFGppState(NamedTuple):
+    first: CFGppState           # the CFG++ DDIM step
+    second: tuple[float, ...]   # per step, alpha' (1 - e^{-h}) / (2 r); 0 for a first-order step
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    uncond_prev: object         # the unconditional data estimate at the previous knot (None: not known)
+
+
+@dataclass(frozen=True)
+class DPMpp2MCFGpp(Solver):
+    """DPM-Solver++(2M) with CFG++ re-noising (ComfyUI's ``dpmpp_2m_cfg_pp``). Order 2 (global 2) for
+    an unguided model, 1 NFE per step."""
+
+    name = "dpmpp_2m_cfg_pp"
+    order = 2
+    nfe_per_step = 1
+    paper = "Chung et al. 2024, arXiv:2406.08070 (CFG++; ComfyUI's dpmpp_2m_cfg_pp), Lu et al. 2022"
+
+    def init(self, knots: Knots, x) -> DPMpp2MCFGppState:
+        first = EulerCFGpp().init(knots, x)
+        second = []
+        for i in range(len(knots)):
+            h = knots.h(i)
+            # first order: the first step, a step into t = 0, or no unconditional estimate at the last knot
+            if i == 0 or knots.sigma[i + 1] == 0.0 or knots.alpha[i - 1] == 0.0:
+                second.append(0.0)
+                continue
+            r = knots.h(i - 1) / h
+            second.append(knots.alpha[i + 1] * -math.expm1(-h) / (2.0 * r))
+        return DPMpp2MCFGppState(first, tuple(second), knots.alpha, knots.sigma, None)
+
+    def step(self, model, x, i, state, noise):
+        st = state.first
+        pred = model(x, st.t[i])
+        eps_u = pred.eps if pred.renoise is None else pred.renoise
+        out = pred.x0 * st.data[i]
+        if st.noise[i] != 0.0:
+            out.add_(eps_u, alpha=st.noise[i])
+        if state.second[i] != 0.0:
+            out.add_(pred.x0 - state.uncond_prev, alpha=state.second[i])
+        if pred.renoise is None or state.alpha[i] == 0.0:
+            uncond = pred.x0
+        else:
+            uncond = (x - eps_u * state.sigma[i]) / state.alpha[i]
+        return out, state._replace(uncond_prev=uncond)
