@@ -34,7 +34,8 @@ def natural_prediction(process):
 
 
 def deterministic_solvers():
-    return [n for n in ds.solvers.names() if not ds.solvers.get(n).stochastic]
+    """The deterministic solvers that take the grid's steps (adaptive ones choose their own)."""
+    return [n for n in ds.solvers.names() if not ds.solvers.get(n).stochastic and not ds.solvers.get(n).adaptive]
 
 
 # Every registered solver, plus the stochastic configurations of those that have one.

@@ -104,12 +104,15 @@ def test_cfg_with_scale_one_samples_the_conditional_model_with_every_solver():
 
 @pytest.mark.parametrize("config", SOLVER_CONFIGS, ids=config_id)
 def test_every_solver_runs_with_guidance_and_counts_one_call_per_evaluation(config):
-    p, model, _, x, label = _setup()
+    p, model, net, x, label = _setup()
     solver = ds.solvers.get(config[0], **config[1])
     guided = ds.guidance.clip_x0(ds.guidance.cfg(model, 2.5, rescale=0.5), 4.0)
     grid = ds.grids.karras(p, 6)
     out = ds.sample(guided, x, grid, solver, generator=torch.Generator().manual_seed(1), label=label)
     assert bool(torch.isfinite(out).all())
+    assert net.batches == [2 * len(x)] * model.nfe
+    if solver.adaptive:  # its steps follow the guided model's errors: the unguided run's count differs
+        return
     guided_calls, model.nfe = model.nfe, 0
     ds.sample(model, x, grid, solver, generator=torch.Generator().manual_seed(1), label=label)
     assert guided_calls == model.nfe  # both passes of every evaluation in one network call

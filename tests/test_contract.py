@@ -80,7 +80,10 @@ def test_nfe_is_counted_and_matches_the_declared_cost(cfg):
     ds.sample(model, x_T, ds.grids.karras(p, steps, end="min"), ds.solvers.get(cfg[0], **cfg[1]),
               generator=torch.Generator().manual_seed(0))
     cls = ds.solvers.REGISTRY[cfg[0]]
-    assert model.nfe == cls.run_nfe(steps)
+    if cls.adaptive:  # whole attempts of nfe_per_step evaluations
+        assert model.nfe > 0 and model.nfe % cls.nfe_per_step == 0
+    else:
+        assert model.nfe == cls.run_nfe(steps)
 
 
 @pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)

@@ -334,3 +334,42 @@ def test_sa_solver_simple_order_2_weights_keep_the_first_order_total():
             assert sum(w) == pytest.approx(total, rel=1e-14)
             nodes = [-0.2, -0.7] if corrector else [-0.7, -1.2]
             assert w != pytest.approx(stochastic_adams_weights(nodes, -0.7, -0.2, tau), rel=1e-3)
+
+
+@pytest.mark.parametrize("order, tolerances", [(2, [1e-2, 1e-3, 1e-4]), (3, [1e-3, 1e-4, 1e-5])])
+@pytest.mark.parametrize("key", list(PROCESSES))
+def test_dpm_adaptive_error_follows_its_tolerance(key, order, tolerances):
+    """Over [t_max, t_min] (one grid interval), the endpoint error stays within 10x the tolerance and falls
+    with it, and the cost grows as an order-k method's should: about 10^(1/k) times the evaluations for
+    a tenth of the tolerance."""
+    p, tb, x_T, ref = _problem(key, "mixture")
+    g = natural_grid(key, p, 8, end="min")
+    errors, nfe = [], []
+    for rtol in tolerances:
+        model = tb.denoiser(p, natural_prediction(p))
+        x = ds.sample(model, x_T, torch.stack([g[0], g[-1]]), ds.solvers.DPMAdaptive(order=order, rtol=rtol,
+                                                                                     atol=rtol / 10))
+        errors.append(rms(x, ref))
+        nfe.append(model.nfe)
+    assert all(e < 10 * tol for e, tol in zip(errors, tolerances)), errors
+    assert all(a > 4 * b for a, b in zip(errors, errors[1:])), errors
+    growth = [b / a for a, b in zip(nfe, nfe[1:])]
+    assert all(0.6 < g_ / 10 ** (1 / order) < 1.5 for g_ in growth), (nfe, growth)
+
+
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "flow"])
+def test_dpm_adaptive_passes_through_the_grid_and_denoises_into_zero(key):
+    """The grid's knots are points the integration passes: a finer grid only forces more steps (same
+    answer within the tolerance); from t = 1 of a flow the first interval is one DDIM step, into t = 0 the
+    last returns the data estimate."""
+    p = make_process(key)
+    model = MIXTURE.denoiser(p, natural_prediction(p))
+    x_T = p.prior((16, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    solver = ds.solvers.DPMAdaptive(rtol=1e-4, atol=1e-5)
+    coarse = natural_grid(key, p, 2, end="zero")
+    fine = natural_grid(key, p, 12, end="zero")
+    a, b = ds.sample(model, x_T, coarse, solver), ds.sample(model, x_T, fine, solver)
+    ref = MIXTURE.ode_reference(p, x_T, fine[0], fine[-2])
+    pre = ds.sample(model, x_T, fine[:-1], solver)
+    assert rms(pre, ref) < 2e-3
+    assert rms(a, b) < 0.05 and bool(torch.isfinite(a).all())

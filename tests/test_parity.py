@@ -427,3 +427,34 @@ def test_pndm_agrees_with_diffusers_runge_kutta_start(steps, set_alpha_to_one):
     mine = ds.sample(counted, x, grid, "pndm")
     assert counted.nfe == ds.solvers.PNDM.run_nfe(len(grid) - 1) == len(sched.timesteps) - (not set_alpha_to_one)
     assert rel(theirs, mine) < 1e-6
+
+
+@pytest.mark.parametrize("order, rtol", [(3, 0.05), (2, 0.05), (3, 0.001)])
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "vp_cosine", "edm"])
+def test_dpm_adaptive_agrees_with_kdiffusion_sample_by_sample(key, order, rtol):
+    """k-diffusion's sample_dpm_adaptive controls one step size for the whole batch; ours one per sample.
+    Run one sample at a time through k-diffusion, the batch through us: they agree to round-off (with
+    float64 as torch's default dtype, in which k-diffusion builds its times)."""
+    ks = peers.kdiffusion_sampling()
+    p = KD_PROCESSES[key]()
+    model = GMM.denoiser(p, "eps")
+    x = _start(p, 6)
+    t_hi, t_lo = p.t_max, float(p.t_of_ode_sigma(0.05))
+    grid = torch.tensor([t_hi, t_lo], dtype=torch.float64)
+    mine = ds.sample(model, x, grid, ds.solvers.DPMAdaptive(order=order, rtol=rtol))
+    s_hi, s_lo = float(p.ode_sigma(t_hi)), float(p.ode_sigma(t_lo))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rows = []
+        for row in x:
+            y = row[None] / float(p.ode_scale(t_hi))
+            out, info = ks.sample_dpm_adaptive(peers.kdiffusion_denoiser(model), y, s_lo, s_hi, order=order,
+                                               rtol=rtol, disable=True, return_info=True)
+            rows.append(out[0] * float(p.ode_scale(t_lo)))
+    finally:
+        torch.set_default_dtype(default)
+    assert rel(torch.stack(rows), mine) < 1e-9  # float64 round-off through the controller's decisions
+    alone = GMM.denoiser(p, "eps")  # the last sample alone: the same accepted and rejected attempts
+    ds.sample(alone, x[-1:], grid, ds.solvers.DPMAdaptive(order=order, rtol=rtol))
+    assert alone.nfe == info["nfe"]

@@ -44,7 +44,8 @@ def solvers() -> None:
         cls = _solvers.REGISTRY[name]
         s = cls()
         order = f"{s.order}" + (f" (global {s.global_order})" if s.global_order != s.order else "")
-        nfe = str(cls.nfe_per_step) + (f" (+{cls.extra_nfe} once)" if cls.extra_nfe else "")
+        nfe = str(cls.nfe_per_step) + (f" (+{cls.extra_nfe} once)" if cls.extra_nfe else "") + \
+            (" per attempt (adaptive)" if cls.adaptive else "")
         table.add_row(name, order, nfe,
                       "yes" if s.stochastic else "optional" if _stochastic_option(cls) else "no",
                       ", ".join(cls.options()) or "-", cls.paper)

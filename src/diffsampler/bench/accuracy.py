@@ -109,7 +109,7 @@ class _References:
 def _our_configs(process: Process):
     for name in _solvers.names():
         cls = _solvers.REGISTRY[name]
-        if cls().stochastic:
+        if cls().stochastic or cls.adaptive:  # adaptive solvers spend what their tolerances ask
             continue
         for grid in OUR_GRIDS:
             yield name, cls, grid

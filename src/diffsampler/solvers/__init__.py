@@ -6,6 +6,7 @@ A new solver is its own module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 from .base import Knots, Solver
+from .adaptive import DPMAdaptive
 from .ancestral import DPM2Ancestral, DPMpp2S, DPMpp2SAncestral
 from .cfgpp import DPMpp2MCFGpp, EulerAncestralCFGpp, EulerCFGpp
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
@@ -27,7 +28,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "H
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp"]
+           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp", "DPMAdaptive"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -39,6 +40,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "ddpm": DDPM,
     "dpm_2": DPM2,
     "dpm_2_ancestral": DPM2Ancestral,
+    "dpm_adaptive": DPMAdaptive,
     "dpm_solver": DPMSolver,
     "dpm_solver_singlestep": DPMSolverSinglestep,
     "deis": DEIS,

@@ -17,7 +17,8 @@ All history (previous model outputs, step ratios) lives in the returned state.
 Metadata: ``order`` is the convergence order (never "model calls per step"),
 ``nfe_per_step`` the network evaluations per step (the last step may use fewer),
 ``extra_nfe`` evaluations spent once per run beyond those (PLMS's warm-up),
-``run_nfe(steps, into_zero)`` the evaluations of a whole run,
+``run_nfe(steps, into_zero)`` the evaluations of a whole run, ``adaptive`` whether the solver picks
+its own steps (then its cost follows from its tolerances),
 ``stochastic`` whether the solver draws noise, ``paper`` the citation.
 """
 
@@ -90,6 +91,9 @@ class Solver:
     brownian: ClassVar[bool] = False
     # Network evaluations spent once per run on top of nfe_per_step per step.
     extra_nfe: ClassVar[int] = 0
+    # True for solvers that choose their own steps inside each grid interval (their cost follows
+    # from tolerances, not from the grid: nfe_per_step is then per attempt and run_nfe is undefined).
+    adaptive: ClassVar[bool] = False
 
     @property
     def stochastic(self) -> bool:
