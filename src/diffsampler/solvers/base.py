@@ -31,10 +31,11 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .._scalars import coefficient
 from ..denoiser import Prediction
 from ..process import Process
 
-__all__ = ["Knots", "Solver", "Model", "NoiseOptions"]
+__all__ = ["Knots", "Solver", "Model", "NoiseOptions", "coefficient"]
 
 Model = Callable[[torch.Tensor, Any], Prediction]
 

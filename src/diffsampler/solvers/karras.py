@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Knots, Solver
+from .base import Knots, Solver, coefficient
 
 __all__ = ["Euler", "Heun", "DPM2", "frame_point", "frame_euler", "dpm2_plan", "dpm2_move"]
 
@@ -59,6 +59,7 @@ class KarrasStep(NamedTuple):
 
 class KarrasState(NamedTuple):
     steps: tuple[KarrasStep, ...]
+    keep: tuple = ()            # per step, the weight of x_hat (Euler's w_x) as a multiplier (see coefficient)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class _ChurnedSolver(Solver):
                     if s1 > 0 else (0.0, 0.0, 0.0, 0.0))
             steps.append(KarrasStep(t_hat, keep, noise, scale_hat, s_hat, c1, s1, knots.t[i + 1],
                                     frame_euler(scale_hat, s_hat, c1, s1), heun))
-        return KarrasState(tuple(steps))
+        return KarrasState(tuple(steps), tuple(coefficient(st.euler[0], x) for st in steps))
 
     @staticmethod
     def _churn(x: torch.Tensor, i: int, st: KarrasStep, noise) -> torch.Tensor:
@@ -130,8 +131,7 @@ class Euler(_ChurnedSolver):
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
-        wx, wm = st.euler
-        return torch.mul(x, wx).add_(model(x, st.t_hat).x0, alpha=wm), state
+        return torch.mul(x, state.keep[i]).add_(model(x, st.t_hat).x0, alpha=st.euler[1]), state
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,7 @@ class Heun(_ChurnedSolver):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
         x0 = model(x, st.t_hat).x0
-        wx, wm = st.euler
-        x_euler = torch.mul(x, wx).add_(x0, alpha=wm)
+        x_euler = torch.mul(x, state.keep[i]).add_(x0, alpha=st.euler[1])
         if st.s_next == 0.0:
             return x_euler, state
         x0_next = model(x_euler, st.t_next).x0

@@ -28,7 +28,7 @@ from typing import ClassVar, NamedTuple, Optional
 import torch
 
 from ..denoiser import Prediction
-from .base import Knots, Solver
+from .base import Knots, Solver, coefficient
 
 __all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW",
            "OrderedMultistep"]
@@ -77,9 +77,10 @@ class MultistepState(NamedTuple):
     keep: int                                 # how many past estimates any later step reads
     history: tuple[Prediction, ...]           # the model's answers at i-1, i-2, ... (most recent first)
     x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
+    A: tuple = ()                             # per step, plan.A as a multiplier (see base.coefficient)
 
 
-def _combine(x: torch.Tensor, A: float, weights, predictions, kind: str) -> torch.Tensor:
+def _combine(x: torch.Tensor, A, weights, predictions, kind: str) -> torch.Tensor:
     out = torch.mul(x, A)
     for w, pred in zip(weights, predictions):
         if w != 0.0:
@@ -99,7 +100,7 @@ class LinearMultistep(Solver):
     def init(self, knots: Knots, x: torch.Tensor) -> MultistepState:
         plans = tuple(self.plan(knots))
         keep = max(max(len(p.P), len(p.K) - 1 if p.K else 0) for p in plans)
-        return MultistepState(plans, keep, (), None)
+        return MultistepState(plans, keep, (), None, tuple(coefficient(p.A, x) for p in plans))
 
     def step(self, model, x, i, state, noise):
         plan = state.plans[i]
@@ -107,18 +108,17 @@ class LinearMultistep(Solver):
         if i > 0:
             prev = state.plans[i - 1]
             if prev.K is not None:  # correct x_i with the model output just computed there
-                x = _combine(state.x_base, prev.A, prev.K[:-1], state.history, prev.kind)
+                x = _combine(state.x_base, state.A[i - 1], prev.K[:-1], state.history, prev.kind)
                 x.add_(pred.x0 if prev.kind == "x0" else pred.eps, alpha=prev.K[-1])
                 if prev.C != 0.0:  # the predictor's own noise: a counter-based draw, so the same tensor
                     x.add_(noise.draw(i - 1), alpha=prev.C)
                 if self.evaluate_corrected:
                     pred = model(x, plan.t)
         answers = (pred,) + state.history
-        out = _combine(x, plan.A, plan.P, answers, plan.kind)
+        out = _combine(x, state.A[i], plan.P, answers, plan.kind)
         if plan.C != 0.0:
             out.add_(noise.draw(i), alpha=plan.C)
-        return out, MultistepState(state.plans, state.keep, answers[:state.keep],
-                                   x if plan.K is not None else None)
+        return out, state._replace(history=answers[:state.keep], x_base=x if plan.K is not None else None)
 
 
 @dataclass(frozen=True)

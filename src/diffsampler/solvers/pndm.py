@@ -83,7 +83,7 @@ class PLMS(LinearMultistep):
         guess = x * plan.A + estimate(first) * plan.P[0]
         second = model(guess, state.plans[1].t)
         out = x * plan.A + (estimate(first) + estimate(second)) * (0.5 * plan.P[0])
-        return out, MultistepState(state.plans, state.keep, (first,), None)
+        return out, state._replace(history=(first,), x_base=None)
 
 
 class RungeKuttaStep(NamedTuple):
