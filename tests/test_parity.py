@@ -458,3 +458,28 @@ def test_dpm_adaptive_agrees_with_kdiffusion_sample_by_sample(key, order, rtol):
     alone = GMM.denoiser(p, "eps")  # the last sample alone: the same accepted and rejected attempts
     ds.sample(alone, x[-1:], grid, ds.solvers.DPMAdaptive(order=order, rtol=rtol))
     assert alone.nfe == info["nfe"]
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+def test_ipndm_agrees_with_diffusers_ipndm_scheduler(steps):
+    """diffusers' IPNDMScheduler is iPNDM (Zhang & Chen's PNDM with an Adams-Bashforth warm-up) on a v-prediction
+    model whose noise level is sigma = sin^2(pi s / 2), alpha = sqrt(1 - sigma^2), i.e. the offset-free cosine
+    VP in the angle time phi = 2 atan2(sigma, alpha) / pi, which it gives the network. Its eps is extrapolated with
+    equal-step weights and moved by DDIM's transfer, which in k-diffusion's coordinates is ComfyUI's ipndm, ours.
+    (Through ``trained_betas`` the grid stops short of pure noise and of t = 0: from alpha = 0 diffusers divides by
+    1e-8, and into t = 0 it returns the data estimate of the extrapolated noise, not the model's.)"""
+    import math
+    import diffusers
+
+    s = torch.linspace(0.97, 0.03, steps + 1, dtype=torch.float64)
+    sched = diffusers.IPNDMScheduler(trained_betas=(torch.sin(s * math.pi / 2) ** 2).tolist())
+    sched.set_timesteps(steps)
+    p = ds.VP.cosine(s=0.0, t_min=1e-4, t_max=0.999)
+    model = GMM.denoiser(p, "v")
+    phi = (torch.atan2(sched.betas.double(), sched.alphas.double()) * 2 / math.pi)
+    x = p.prior((16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theirs = x.clone()
+    for ts in sched.timesteps:
+        theirs = sched.step(model(theirs, float(ts)).v(p, float(ts)), ts, theirs).prev_sample
+    mine = ds.sample(model, x, phi, "ipndm")
+    assert rel(theirs, mine) < 1e-6
