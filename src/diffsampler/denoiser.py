@@ -163,10 +163,9 @@ class Denoiser:
         The time tensor handed to the network is shared between calls at the same
         time and batch shape: networks must treat their inputs as read-only.
         """
-        tdtype = time_dtype(x)
         if isinstance(t, torch.Tensor) and t.ndim > 0:
             coefficients = None
-            tin = self.time_input(t).to(device=x.device, dtype=tdtype)
+            tin = self.time_input(t).to(device=x.device, dtype=time_dtype(x))
         else:
             t = float(t)
             key = (t, x.shape[0], x.dtype, x.device)
@@ -177,7 +176,7 @@ class Denoiser:
                 if len(self._cache) > 4096:
                     self._cache.clear()
                 coefficients = _coefficients(self.process, t, self.prediction)
-                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=tdtype, device=x.device)
+                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=time_dtype(x), device=x.device)
                 a = coefficients[0]
                 fast = (coefficient(1.0 / a, x) if self.prediction == "eps" and a > 0 else None)
                 cached = self._cache[key] = (coefficients, tin, fast)

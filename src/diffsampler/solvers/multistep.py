@@ -118,7 +118,9 @@ class LinearMultistep(Solver):
         out = _combine(x, state.A[i], plan.P, answers, plan.kind)
         if plan.C != 0.0:
             out.add_(noise.draw(i), alpha=plan.C)
-        return out, state._replace(history=answers[:state.keep], x_base=x if plan.K is not None else None)
+        # (a new tuple directly: NamedTuple._replace costs about 2 us, a tenth of the step)
+        return out, MultistepState(state.plans, state.keep, answers[:state.keep],
+                                   x if plan.K is not None else None, state.A)
 
 
 @dataclass(frozen=True)
