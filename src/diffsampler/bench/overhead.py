@@ -3,9 +3,11 @@
 Every library drives the same nearly free model (the exact eps of standard
 normal data under VP: ``x0 = alpha x``, written as the k-diffusion denoiser
 ``D(y, s) = y / (1 + s^2)`` for k-diffusion and as ``eps = sigma x`` for the
-others, with sigma read from a table). Timings are medians over repeats of a
-whole 50-step run divided by the steps; the model's own cost, timed alone the
-same way, is subtracted to leave the sampler's own work per step.
+others, with sigma read from a table). Each repeat times a whole 50-step run and,
+right after it, the model alone called as often as the run calls it; their
+difference is the sampler's own work. We report medians over repeats, per step.
+Timing the two back to back keeps slow drifts of the machine (and, for the large
+shapes, of its caches) out of the difference.
 """
 
 from __future__ import annotations
@@ -52,14 +54,21 @@ class Timing:
     own_us: float        # total - model
 
 
-def _median_per_step(run: Callable[[], None], repeats: int, steps: int) -> float:
-    run()  # warm-up
-    times = []
+def _per_step(run: Callable[[], None], model_only: Callable[[], None], repeats: int,
+              steps: int) -> tuple[float, float, float]:
+    """Medians per step, in microseconds, of (the run, the model alone, their difference)."""
+    run(), model_only()  # warm-up
+    totals, models, own = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / steps * 1e6
+        middle = time.perf_counter()
+        model_only()
+        end = time.perf_counter()
+        totals.append(middle - start)
+        models.append(end - middle)
+        own.append((middle - start) - (end - middle))
+    return tuple(statistics.median(v) / steps * 1e6 for v in (totals, models, own))
 
 
 def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> list[Timing]:
@@ -68,7 +77,7 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
 
     warnings.filterwarnings("ignore", module="diffusers")
     ks = peers.kdiffusion_sampling()
-    repeats = 3 if quick else 15
+    repeats = 3 if quick else 31
     shapes = SHAPES[:1] if quick else SHAPES
     base = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     process = peers.vp_process_of(base)
@@ -90,14 +99,20 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
             n_evals = 2 * STEPS - 1 if solver in TWO_EVALS else STEPS
             grid = _grids.get("uniform", process, STEPS)
 
-            # model alone, called as each library calls it
+            # the model alone, called as each library calls it; each output is dropped at once, as in a
+            # sampling loop (kept alive, 100 outputs of the largest shape cost fresh memory pages)
             ts = torch.full((shape[0],), 500.0)
-            model_only = _median_per_step(lambda: [eps_net(x, ts) for _ in range(n_evals)], repeats, STEPS)
-            kd_model_only = _median_per_step(
-                lambda: [kd_model(x, torch.full((shape[0],), 1.5)) for _ in range(n_evals)], repeats, STEPS)
 
-            total = _median_per_step(lambda: sample(ours_model, x, grid, solver), repeats, STEPS)
-            out.append(Timing(shape, solver, "diffsampler", total, model_only, total - model_only))
+            def model_only():
+                for _ in range(n_evals):
+                    eps_net(x, ts)
+
+            def kd_model_only():
+                for _ in range(n_evals):
+                    kd_model(x, torch.full((shape[0],), 1.5))
+
+            out.append(Timing(shape, solver, "diffsampler",
+                              *_per_step(lambda: sample(ours_model, x, grid, solver), model_only, repeats, STEPS)))
 
             sched = getattr(diffusers, sched_name)(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085,
                                                       "beta_end": 0.012}, **sched_cfg)
@@ -109,14 +124,13 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
                     inp = sched.scale_model_input(sample_, t)
                     sample_ = sched.step(eps_net(inp, t.reshape(1).expand(shape[0])), t, sample_).prev_sample
 
-            total = _median_per_step(run_diffusers, repeats, STEPS)
-            out.append(Timing(shape, solver, "diffusers", total, model_only, total - model_only))
+            out.append(Timing(shape, solver, "diffusers", *_per_step(run_diffusers, model_only, repeats, STEPS)))
 
             if kd_name is not None:
                 sigmas = ks.get_sigmas_karras(STEPS, 0.03, 14.6, device="cpu")
                 fn = getattr(ks, f"sample_{kd_name}")
-                total = _median_per_step(lambda: fn(kd_model, x * 14.6, sigmas, disable=True), repeats, STEPS)
-                out.append(Timing(shape, solver, "k-diffusion", total, kd_model_only, total - kd_model_only))
+                out.append(Timing(shape, solver, "k-diffusion", *_per_step(
+                    lambda: fn(kd_model, x * 14.6, sigmas, disable=True), kd_model_only, repeats, STEPS)))
     return out
 
 
