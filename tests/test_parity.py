@@ -556,3 +556,31 @@ def test_diffusers_third_order_sde_dpmsolver_drifts_from_the_target():
                          generator=torch.Generator().manual_seed(5))
         z[steps] = (z_max(theirs), z_max(mine))
     assert z[50][0] > z[20][0] > 10 and z[50][1] < 5 and z[50][1] < z[20][1], z
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_lcm_agrees_with_diffusers_given_the_same_noise(steps):
+    """diffusers' LCMScheduler: the consistency model's boundary condition (c_skip, c_out of the scaled
+    timestep) belongs to the model, so we wrap it into the Denoiser; each step then jumps to the model's
+    data estimate and re-noises it to the next timestep with fresh noise (ours: ``lcm``), the last step
+    returning the data estimate."""
+    from diffsampler.noise import StepNoise
+
+    sched = _diffusers("LCMScheduler")
+    p = peers.vp_process_of(sched)
+    exact = GMM.denoiser(p, "eps")
+    sched.set_timesteps(steps)
+
+    def consistency(x, timestep):  # c_skip x + c_out x0, LCM's parametrisation at timestep_scaling 10
+        scaled = timestep.to(x.dtype)[:, None] * 10.0
+        c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25).sqrt()
+        t = float(p.t_of_timestep(float(timestep[0])))
+        return c_out * exact(x, t).x0 + c_skip * x
+
+    model = ds.Denoiser(consistency, p, "x0")
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noise = StepNoise.from_generator(torch.Generator().manual_seed(5), x.shape, x.dtype, x.device)
+    theirs = _run_diffusers_with_our_noise("scheduling_lcm", sched, exact, x, steps, noise)
+    grid = torch.tensor([float(p.t_of_timestep(float(ts))) for ts in sched.timesteps] + [0.0], dtype=torch.float64)
+    mine = ds.sample(model, x, grid, "lcm", generator=torch.Generator().manual_seed(5))
+    assert rel(theirs, mine) < 1e-6
