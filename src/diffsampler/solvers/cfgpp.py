@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from .base import Knots, Solver
 from .ddim import DDIM
+from .expint import dpmpp_weights
 
 __all__ = ["EulerCFGpp", "EulerAncestralCFGpp", "DPMpp2MCFGpp"]
 
@@ -97,13 +98,13 @@ class DPMpp2MCFGpp(Solver):
         first = EulerCFGpp().init(knots, x)
         second = []
         for i in range(len(knots)):
-            h = knots.h(i)
             # first order: the first step, a step into t = 0, or no unconditional estimate at the last knot
             if i == 0 or knots.sigma[i + 1] == 0.0 or knots.alpha[i - 1] == 0.0:
                 second.append(0.0)
                 continue
-            r = knots.h(i - 1) / h
-            second.append(knots.alpha[i + 1] * -math.expm1(-h) / (2.0 * r))
+            # DPM-Solver++(2M)'s weight of the previous estimate is -alpha' (1 - e^{-h}) / (2r)
+            P = dpmpp_weights(knots, i, 2)[1]
+            second.append(-P[1] if len(P) > 1 else 0.0)
         return DPMpp2MCFGppState(first, tuple(second), knots.alpha, knots.sigma, None)
 
     def step(self, model, x, i, state, noise):

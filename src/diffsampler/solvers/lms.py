@@ -25,7 +25,7 @@ from .base import Knots, Solver
 from .multistep import OrderedMultistep
 
 __all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_integrals", "log_lagrange_integrals",
-           "ipndm_v_weights", "time_lagrange_integrals"]
+           "ipndm_v_weights", "time_lagrange_integrals", "lagrange_basis"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -50,20 +50,21 @@ def lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[float]:
     return out
 
 
+def lagrange_basis(nodes, j: int, u):
+    """The ``j``-th Lagrange basis polynomial through ``nodes``, evaluated at ``u`` (a numpy array)."""
+    out = np.ones_like(u)
+    for k, uk in enumerate(nodes):
+        if k != j:
+            out = out * (u - uk) / (nodes[j] - uk)
+    return out
+
+
 def log_lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[float]:
     """``[integral_lo^hi L_j(log s) ds for j]`` for the Lagrange basis in ``log s`` through ``nodes``."""
     u_nodes = [np.log(v) for v in nodes]
-
-    def basis_times_ds(j):  # L_j(u) e^u, the integrand in u = log s
-        def f(u):
-            out = np.exp(u)
-            for k, uk in enumerate(u_nodes):
-                if k != j:
-                    out = out * (u - uk) / (u_nodes[j] - uk)
-            return out
-        return f
-
-    return [gauss_legendre(basis_times_ds(j), np.log(lo), np.log(hi)) for j in range(len(u_nodes))]
+    # in u = log s the integrand is L_j(u) e^u
+    return [gauss_legendre(lambda u, j=j: np.exp(u) * lagrange_basis(u_nodes, j, u), np.log(lo), np.log(hi))
+            for j in range(len(u_nodes))]
 
 
 class LMSState(NamedTuple):
@@ -192,17 +193,11 @@ def time_lagrange_integrals(process, t_nodes: list[float], lo: float, hi: float)
     """``[integral_lo^hi L_j(t(rho)) d rho for j]``: the Lagrange basis in process time through ``t_nodes``,
     integrated in ``rho = ode_sigma`` (DEIS's t-AB weights)."""
 
-    def basis(j):
-        def f(rho):
-            t = process.t_of_ode_sigma(torch.as_tensor(rho, dtype=torch.float64)).numpy()
-            out = np.ones_like(rho)
-            for m, tm in enumerate(t_nodes):
-                if m != j:
-                    out = out * (t - tm) / (t_nodes[j] - tm)
-            return out
-        return f
+    def time_of(rho):
+        return process.t_of_ode_sigma(torch.as_tensor(rho, dtype=torch.float64)).numpy()
 
-    return [gauss_legendre(basis(j), lo, hi) for j in range(len(t_nodes))]
+    return [gauss_legendre(lambda rho, j=j: lagrange_basis(t_nodes, j, time_of(rho)), lo, hi)
+            for j in range(len(t_nodes))]
 
 
 # Adams-Bashforth weights for equal steps, of d_i, d_{i-1}, ... (orders 1 to 4).

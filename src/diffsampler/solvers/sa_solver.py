@@ -33,7 +33,7 @@ import numpy as np
 
 from ..process import EDM
 from .base import Knots
-from .lms import gauss_legendre
+from .lms import gauss_legendre, lagrange_basis
 from .multistep import LinearMultistep, StepPlan
 
 __all__ = ["SASolver", "SASolverPECE", "stochastic_adams_weights"]
@@ -46,16 +46,8 @@ def stochastic_adams_weights(nodes: list[float], l_s: float, l_t: float, tau: fl
     if len(nodes) == 1:
         return [-math.expm1(-rate * (l_t - l_s))]
 
-    def basis(j):
-        def f(lam):
-            out = rate * np.exp(-rate * (l_t - lam))
-            for k, lk in enumerate(nodes):
-                if k != j:
-                    out = out * (lam - lk) / (nodes[j] - lk)
-            return out
-        return f
-
-    return [gauss_legendre(basis(j), l_s, l_t) for j in range(len(nodes))]
+    return [gauss_legendre(lambda lam, j=j: rate * np.exp(-rate * (l_t - lam)) * lagrange_basis(nodes, j, lam), l_s, l_t)
+            for j in range(len(nodes))]
 
 
 def _simple_order_2(l_prev: float, l_s: float, l_t: float, tau: float, corrector: bool) -> list[float]:
