@@ -142,7 +142,8 @@ class DPMAdaptive(Solver):
                 d2 = model(ub, tb).eps - eps0
                 x_high = first - d2 * (s1 * (torch.expm1(hh) / hh - 1) * 1.5)  # DPM-Solver-3
             y_low, y_high = x_low / c1, x_high / c1
-            delta = torch.maximum(torch.full_like(y_low, self.atol), self.rtol * torch.maximum(y_low.abs(), y_prev.abs()))
+            delta = torch.maximum(torch.full_like(y_low, self.atol),
+                                  self.rtol * torch.maximum(y_low.abs(), y_prev.abs()))
             error = ((y_low - y_high) / delta).flatten(1).to(torch.float64).pow(2).mean(1).sqrt()
             if not bool(torch.isfinite(error[active]).all()):
                 from ..loop import NonFiniteError

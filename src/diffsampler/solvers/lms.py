@@ -94,7 +94,8 @@ class _AdamsBashforth(Solver):
         raise NotImplementedError
 
     def _step_weights(self, knots: Knots, i: int, k: int) -> list[float]:
-        """Weights of ``d_i, ..., d_{i-k+1}`` over step ``i``: by default Lagrange in ``s`` through the last ``k`` knots."""
+        """Weights of ``d_i, ..., d_{i-k+1}`` over step ``i``: by default Lagrange in ``s`` through the last
+        ``k`` knots."""
         return self._weights([knots.s[i - j] for j in range(k)], knots.s[i], knots.s[i + 1])
 
     def init(self, knots: Knots, x) -> LMSState:

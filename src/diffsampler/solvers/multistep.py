@@ -30,12 +30,20 @@ import torch
 from ..denoiser import Prediction
 from .base import Knots, Solver, coefficient
 
-__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "LOWER_ORDER_FINAL_BELOW",
-           "OrderedMultistep"]
+__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "finite_nodes",
+           "LOWER_ORDER_FINAL_BELOW", "OrderedMultistep"]
 
 # diffusers' rule for DPM-Solver++: below this many steps the last steps of a multistep
 # solver are taken at lower order, which avoids the artefacts of large final steps.
 LOWER_ORDER_FINAL_BELOW = 15
+
+
+def finite_nodes(lam, i: int, k: int) -> int:
+    """At most ``k`` history nodes ending at knot ``i`` whose log-SNR is finite: no node at ``t = 1`` of a
+    flow, where alpha = 0 and the estimates there carry no information the expansion can use."""
+    while k > 1 and not math.isfinite(lam[i - k + 1]):
+        k -= 1
+    return k
 
 
 def step_orders(knots: Knots, order: int, lower_order_final: str) -> list[int]:
@@ -50,9 +58,7 @@ def step_orders(knots: Knots, order: int, lower_order_final: str) -> list[int]:
     n = len(knots)
     orders = []
     for i in range(n):
-        k = min(order, i + 1)
-        while k > 1 and not math.isfinite(knots.lam[i - k + 1]):
-            k -= 1
+        k = finite_nodes(knots.lam, i, min(order, i + 1))
         if lower_order_final == "always" or (lower_order_final == "short" and n < LOWER_ORDER_FINAL_BELOW):
             k = min(k, n - i)
         if knots.sigma[i + 1] == 0.0:
@@ -78,6 +84,7 @@ class MultistepState(NamedTuple):
     history: tuple[Prediction, ...]           # the model's answers at i-1, i-2, ... (most recent first)
     x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
     A: tuple = ()                             # per step, plan.A as a multiplier (see base.coefficient)
+    z_base: Optional[torch.Tensor] = None     # the predictor's noise, kept for a corrector that reuses it
 
 
 def _combine(x: torch.Tensor, A, weights, predictions, kind: str) -> torch.Tensor:
@@ -110,17 +117,20 @@ class LinearMultistep(Solver):
             if prev.K is not None:  # correct x_i with the model output just computed there
                 x = _combine(state.x_base, state.A[i - 1], prev.K[:-1], state.history, prev.kind)
                 x.add_(pred.x0 if prev.kind == "x0" else pred.eps, alpha=prev.K[-1])
-                if prev.C != 0.0:  # the predictor's own noise: a counter-based draw, so the same tensor
-                    x.add_(noise.draw(i - 1), alpha=prev.C)
+                if prev.C != 0.0:  # the predictor's own noise
+                    x.add_(state.z_base, alpha=prev.C)
                 if self.evaluate_corrected:
                     pred = model(x, plan.t)
         answers = (pred,) + state.history
         out = _combine(x, state.A[i], plan.P, answers, plan.kind)
+        z = None
         if plan.C != 0.0:
-            out.add_(noise.draw(i), alpha=plan.C)
+            z = noise.draw(i)
+            out.add_(z, alpha=plan.C)
+        corrected = plan.K is not None
         # (a new tuple directly: NamedTuple._replace costs about 2 us, a tenth of the step)
-        return out, MultistepState(state.plans, state.keep, answers[:state.keep],
-                                   x if plan.K is not None else None, state.A)
+        return out, MultistepState(state.plans, state.keep, answers[:state.keep], x if corrected else None,
+                                   state.A, z if corrected else None)
 
 
 @dataclass(frozen=True)

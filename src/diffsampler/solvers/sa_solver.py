@@ -34,7 +34,7 @@ import numpy as np
 from ..process import EDM
 from .base import Knots
 from .lms import gauss_legendre, lagrange_basis
-from .multistep import LinearMultistep, StepPlan
+from .multistep import LinearMultistep, StepPlan, finite_nodes
 
 __all__ = ["SASolver", "SASolverPECE", "stochastic_adams_weights"]
 
@@ -46,8 +46,10 @@ def stochastic_adams_weights(nodes: list[float], l_s: float, l_t: float, tau: fl
     if len(nodes) == 1:
         return [-math.expm1(-rate * (l_t - l_s))]
 
-    return [gauss_legendre(lambda lam, j=j: rate * np.exp(-rate * (l_t - lam)) * lagrange_basis(nodes, j, lam), l_s, l_t)
-            for j in range(len(nodes))]
+    def integrand(j):
+        return lambda lam: rate * np.exp(-rate * (l_t - lam)) * lagrange_basis(nodes, j, lam)
+
+    return [gauss_legendre(integrand(j), l_s, l_t) for j in range(len(nodes))]
 
 
 def _simple_order_2(l_prev: float, l_s: float, l_t: float, tau: float, corrector: bool) -> list[float]:
@@ -138,8 +140,8 @@ class SASolver(LinearMultistep):
             decay = math.exp(-tau * tau * h) if tau > 0 else 1.0
             A = s_t / knots.sigma[i] * decay
             C = s_t * math.sqrt(-math.expm1(-2.0 * tau * tau * h)) * self.s_noise if tau > 0 else 0.0
-            k_p = self._usable(lam, i, min(self.predictor_order, i + 1))
-            k_c = self._usable(lam, i + 1, min(self.corrector_order, i + 2))
+            k_p = finite_nodes(lam, i, min(self.predictor_order, i + 1))
+            k_c = finite_nodes(lam, i + 1, min(self.corrector_order, i + 2))
             if self.lower_order_final:
                 k_p, k_c = min(k_p, last - i), min(k_c, last - i + 1)
             P = self._weights([lam[i - j] for j in range(k_p)], lam[i], lam[i + 1], tau, corrector=False)
@@ -151,13 +153,6 @@ class SASolver(LinearMultistep):
                 K = tuple(w[1:]) + (w[0],)  # the engine takes the new estimate's weight last
             yield StepPlan(knots.t[i], A, tuple(a_t * v for v in P), C,
                            None if K is None else tuple(a_t * v for v in K))
-
-    @staticmethod
-    def _usable(lam, i: int, k: int) -> int:
-        """At most ``k`` nodes ending at knot ``i`` with finite log-SNR (not ``t = 1`` of a flow)."""
-        while k > 1 and not math.isfinite(lam[i - k + 1]):
-            k -= 1
-        return k
 
     def _weights(self, nodes, l_s, l_t, tau, corrector):
         if self.simple_order_2 and len(nodes) == 2:
