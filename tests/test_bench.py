@@ -55,6 +55,11 @@ def test_quick_bench_writes_the_report(quick_run):
     assert methods == {"none", "cfg", "classifier", "autoguidance", "pag", "gfcg"}
     auto = [r for r in data["guidance"] if r["method"] == "autoguidance"]
     assert all(r["nfe"] == 2 * r["nfe_steps"] for r in auto)  # two networks per evaluation
+    # dpm_adaptive: what it spent, the budget that covers it, its error; and its table
+    assert data["adaptive"] and all(r["config"].startswith("dpm_adaptive") for r in data["adaptive"])
+    assert all(0 < r["rmse"] < 1 and r["nfe"] > 0 for r in data["adaptive"])
+    assert all(r["nfe"] <= r["target_nfe"] or r["target_nfe"] == 50 for r in data["adaptive"])
+    assert "### Adaptive step size" in text
 
 
 def test_rewrite_reproduces_the_report_from_the_raw_numbers(quick_run):

@@ -131,8 +131,9 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A reduced run (under 2 minutes)."),
     out: Path = typer.Option(Path("."), help="Where BENCHMARKS.md and benchmarks/ are written."),
     rewrite: bool = typer.Option(False, "--rewrite", help="Only regenerate the report from benchmarks/results.json."),
-    section: list[str] = typer.Option(None, "--section", help="Re-run only these sections (accuracy, distribution, "
-                                      "overhead, models); the others are read from benchmarks/results.json."),
+    section: list[str] = typer.Option(None, "--section", help="Re-run only these sections (accuracy, adaptive, "
+                                      "distribution, overhead, models); the others are read from "
+                                      "benchmarks/results.json."),
 ) -> None:
     """Accuracy per NFE and overhead per step against diffusers and k-diffusion; writes BENCHMARKS.md."""
     from . import bench as _bench

@@ -10,7 +10,7 @@ from typing import Callable
 
 __all__ = ["run", "rewrite", "SECTIONS"]
 
-SECTIONS = ("accuracy", "distribution", "overhead", "models")
+SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models")
 
 
 def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
@@ -23,7 +23,7 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     import torch
     from diffusers.utils import logging as dlogging
 
-    from .accuracy import run_accuracy
+    from .accuracy import run_accuracy, run_adaptive
     from .distribution import run_distribution
     from .models import run_guidance, run_models
     from .overhead import run_overhead
@@ -38,6 +38,8 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     old = _load(Path(root)) if set(sections) != set(SECTIONS) else {}
     if "accuracy" in sections:
         old["accuracy"] = run_accuracy(quick=quick, n=64 if quick else 128, log=log)
+    if "adaptive" in sections:
+        old["adaptive"] = run_adaptive(quick=quick, n=64 if quick else 128, log=log)
     if "distribution" in sections:
         old["distribution"] = run_distribution(quick=quick, n=500 if quick else 2000, log=log)
     if "overhead" in sections:
@@ -51,7 +53,7 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, Path(root), command, machine, old.get("models", []),
-                        old.get("guidance", []))
+                        old.get("guidance", []), adaptive_results=old.get("adaptive", []))
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -82,6 +84,7 @@ def _load(root: Path) -> dict:
         "overhead": [Timing(**{**t, "shape": tuple(t["shape"])}) for t in data["overhead"]],
         "models": [ModelResult(**m) for m in data.get("models", [])],
         "guidance": [GuidanceResult(**m) for m in data.get("guidance", [])],
+        "adaptive": [Result(**r) for r in data.get("adaptive", [])],
         "machine": data["machine"],
         "versions": data.get("versions"),
     }
@@ -95,6 +98,6 @@ def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
     old = _load(root)
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, root, old["command"], old["machine"], old["models"],
-                        old["guidance"], old["versions"])
+                        old["guidance"], old["versions"], adaptive_results=old["adaptive"])
     log(f"rewrote {path} from benchmarks/results.json")
     return path

@@ -23,7 +23,7 @@ from ..process import EDM, Flow, Process, VPDiscrete
 from ..testbeds import GaussianMixture, get as get_testbed
 from . import peers
 
-__all__ = ["Problem", "Result", "Failure", "problems", "run_accuracy", "NFES", "QUICK_NFES"]
+__all__ = ["Problem", "Result", "Failure", "problems", "run_accuracy", "run_adaptive", "NFES", "QUICK_NFES"]
 
 NFES = [3, 4, 5, 6, 8, 10, 15, 20, 50]
 QUICK_NFES = [5, 10, 20]
@@ -239,6 +239,37 @@ def run_accuracy(quick: bool = False, n: int = 256,
                         continue
                     record("k-diffusion", f"{kd_name} {grid_name}", target, x, grid, model.nfe)
     return results, failures
+
+
+ADAPTIVE_RTOLS = (0.05, 0.01, 0.001)
+
+
+def run_adaptive(quick: bool = False, n: int = 256, log: Callable[[str], None] = print) -> list[Result]:
+    """``dpm_adaptive`` (order 3, ``atol = rtol / 10``) at a few tolerances on every accuracy problem.
+
+    Its cost follows from the tolerance, so each result's ``target_nfe`` is the smallest budget of
+    ``NFES`` that covers what it spent (the largest budget when none does).
+    """
+    out = []
+    for prob in problems(quick, n):
+        log(f"adaptive: {prob.testbed} / {prob.process_name}")
+        refs = _References(prob)
+        model = prob.gmm.denoiser(prob.process, prob.prediction)
+        grid = _adaptive_grid(prob.process)
+        for rtol in ADAPTIVE_RTOLS[:1] if quick else ADAPTIVE_RTOLS:
+            model.nfe = 0
+            x = sample(model, prob.x_T, grid, _solvers.DPMAdaptive(rtol=rtol, atol=rtol / 10))
+            target = next((b for b in NFES if b >= model.nfe), NFES[-1])
+            out.append(Result(prob.testbed, prob.process_name, "diffsampler", f"dpm_adaptive rtol={rtol:g}",
+                              target, model.nfe, refs.error(x, grid), float(grid[0])))
+    return out
+
+
+def _adaptive_grid(process: Process) -> torch.Tensor:
+    """``[t_max, t_min, 0]``: one adaptive interval, then the data estimate. A flow starts at alpha = 0,
+    where the log-SNR is unbounded and the first interval is a DDIM step: there it ends at t = 0.98."""
+    knots = [process.t_max] + ([0.98] if isinstance(process, Flow) else []) + [process.t_min, 0.0]
+    return torch.tensor(knots, dtype=torch.float64)
 
 
 def _kdiffusion_grid(process: Process, kind: str, steps: int) -> torch.Tensor | None:
