@@ -56,14 +56,18 @@ class EulerCFGpp(DDIM):
         return CFGppState(knots.t, tuple(data), tuple(noise), tuple(fresh))
 
     def step(self, model, x, i, state, noise):
-        pred = model(x, state.t[i])
-        eps = pred.eps if pred.renoise is None else pred.renoise
-        out = pred.x0 * state.data[i]
-        if state.noise[i] != 0.0:
-            out.add_(eps, alpha=state.noise[i])
-        if state.fresh[i] != 0.0:
-            out.add_(noise.draw(i), alpha=state.fresh[i])
-        return out, state
+        return _cfgpp_move(model(x, state.t[i]), i, state, noise)[0], state
+
+
+def _cfgpp_move(pred, i: int, st: CFGppState, noise):
+    """CFG++'s DDIM step from the model's answer at knot ``i``: ``(x', eps_uncond)``."""
+    eps = pred.eps if pred.renoise is None else pred.renoise
+    out = pred.x0 * st.data[i]
+    if st.noise[i] != 0.0:
+        out.add_(eps, alpha=st.noise[i])
+    if st.fresh[i] != 0.0:
+        out.add_(noise.draw(i), alpha=st.fresh[i])
+    return out, eps
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,8 @@ class DPMpp2MCFGpp(Solver):
         return DPMpp2MCFGppState(first, tuple(second), knots.alpha, knots.sigma, None)
 
     def step(self, model, x, i, state, noise):
-        st = state.first
-        pred = model(x, st.t[i])
-        eps_u = pred.eps if pred.renoise is None else pred.renoise
-        out = pred.x0 * st.data[i]
-        if st.noise[i] != 0.0:
-            out.add_(eps_u, alpha=st.noise[i])
+        pred = model(x, state.first.t[i])
+        out, eps_u = _cfgpp_move(pred, i, state.first, noise)
         if state.second[i] != 0.0:
             out.add_(pred.x0 - state.uncond_prev, alpha=state.second[i])
         if pred.renoise is None or state.alpha[i] == 0.0:
