@@ -205,11 +205,11 @@ def test_ipndm_weights_are_adams_bashforth_for_equal_steps():
     iPNDM-v's up to order 3. Finding: iPNDM-v's order-4 weights as shipped are (57, -65, 43, -11) / 24
     on equal steps, not Adams-Bashforth's (55, -59, 37, -9) / 24: they integrate cubics wrongly, so
     its order-4 steps are third order."""
-    from diffsampler.solvers.lms import _AB_FIXED, ipndm_v_weights, lagrange_integrals
+    from diffsampler.solvers.lms import AB_EQUAL_STEPS, ipndm_v_weights, lagrange_integrals
     nodes = [4.0, 5.0, 6.0, 7.0]
     for k in (1, 2, 3, 4):
         exact = lagrange_integrals(nodes[:k], 4.0, 3.0)
-        assert [-c for c in _AB_FIXED[k]] == pytest.approx(exact, rel=1e-12)
+        assert [-c for c in AB_EQUAL_STEPS[k]] == pytest.approx(exact, rel=1e-12)
         if k < 4:
             assert ipndm_v_weights(nodes[:k], 4.0, 3.0) == pytest.approx(exact, rel=1e-12)
     assert [-24 * c for c in ipndm_v_weights(nodes, 4.0, 3.0)] == pytest.approx([57, -65, 43, -11], rel=1e-12)

@@ -35,6 +35,13 @@ def data_move(alpha_a: float, sigma_a: float, alpha_b: float, sigma_b: float) ->
     return A, alpha_b - alpha_a * A
 
 
+def noise_move(alpha_a: float, sigma_a: float, alpha_b: float, sigma_b: float) -> tuple[float, float]:
+    """``(A, B)`` of DDIM's move in the noise estimate ``x_b = A x_a + B eps_hat`` between any two times
+    (``alpha_a > 0``): ``A = alpha_b / alpha_a``, ``B = sigma_b - alpha_b sigma_a / alpha_a``."""
+    A = alpha_b / alpha_a
+    return A, sigma_b - A * sigma_a
+
+
 def data_step(knots: Knots, i: int, eta: float = 0.0) -> tuple[float, float, float]:
     """Coefficients ``(A, B, C)`` of ``x' = A x + B x0_hat + C z`` from knot ``i`` to ``i + 1``.
 

@@ -25,7 +25,8 @@ from .base import Knots, Solver
 from .multistep import OrderedMultistep
 
 __all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_integrals", "log_lagrange_integrals",
-           "ipndm_v_weights", "time_lagrange_integrals", "lagrange_basis"]
+           "ipndm_v_weights", "time_lagrange_integrals", "lagrange_basis",
+           "AB_EQUAL_STEPS"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -202,7 +203,7 @@ def time_lagrange_integrals(process, t_nodes: list[float], lo: float, hi: float)
 
 
 # Adams-Bashforth weights for equal steps, of d_i, d_{i-1}, ... (orders 1 to 4).
-_AB_FIXED = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+AB_EQUAL_STEPS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def ipndm_v_weights(nodes: list[float], lo: float, hi: float) -> list[float]:
@@ -268,7 +269,7 @@ class IPNDM(_AdamsBashforth):
     def _weights(self, nodes, lo, hi):
         if hi == 0.0:  # the denoising step: y' = y - s d = x0_hat
             return [-lo]
-        return [(hi - lo) * c for c in _AB_FIXED[len(nodes)]]
+        return [(hi - lo) * c for c in AB_EQUAL_STEPS[len(nodes)]]
 
 
 @dataclass(frozen=True)

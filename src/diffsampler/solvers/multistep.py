@@ -30,7 +30,7 @@ import torch
 from ..denoiser import Prediction
 from .base import Knots, Solver, coefficient
 
-__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "finite_nodes",
+__all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "finite_nodes", "estimate",
            "LOWER_ORDER_FINAL_BELOW", "OrderedMultistep"]
 
 # diffusers' rule for DPM-Solver++: below this many steps the last steps of a multistep
@@ -87,11 +87,16 @@ class MultistepState(NamedTuple):
     z_base: Optional[torch.Tensor] = None     # the predictor's noise, kept for a corrector that reuses it
 
 
+def estimate(pred: Prediction, kind: str) -> torch.Tensor:
+    """The model's data estimate (``kind == "x0"``) or noise estimate (``"eps"``)."""
+    return pred.x0 if kind == "x0" else pred.eps
+
+
 def _combine(x: torch.Tensor, A, weights, predictions, kind: str) -> torch.Tensor:
     out = torch.mul(x, A)
     for w, pred in zip(weights, predictions):
         if w != 0.0:
-            out.add_(pred.x0 if kind == "x0" else pred.eps, alpha=w)
+            out.add_(estimate(pred, kind), alpha=w)
     return out
 
 
@@ -116,7 +121,7 @@ class LinearMultistep(Solver):
             prev = state.plans[i - 1]
             if prev.K is not None:  # correct x_i with the model output just computed there
                 x = _combine(state.x_base, state.A[i - 1], prev.K[:-1], state.history, prev.kind)
-                x.add_(pred.x0 if prev.kind == "x0" else pred.eps, alpha=prev.K[-1])
+                x.add_(estimate(pred, prev.kind), alpha=prev.K[-1])
                 if prev.C != 0.0:  # the predictor's own noise
                     x.add_(state.z_base, alpha=prev.C)
                 if self.evaluate_corrected:

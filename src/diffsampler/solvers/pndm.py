@@ -20,22 +20,14 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from .base import Knots
-from .expint import data_move, data_step
-from .multistep import LinearMultistep, MultistepState, StepPlan
+from .expint import data_move, data_step, noise_move
+from .lms import AB_EQUAL_STEPS
+from .multistep import LinearMultistep, MultistepState, StepPlan, estimate
 
 __all__ = ["PLMS", "PNDM"]
 
-_AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
-def _transfer_between(a0: float, s0: float, a1: float, s1: float) -> tuple[float, float]:
-    """``(A, B)`` of DDIM's step in the noise estimate from ``(alpha, sigma) = (a0, s0)`` to ``(a1, s1)``:
-    ``x' = A x + B e``."""
-    return a1 / a0, s1 - a1 * s0 / a0
-
-
 def _transfer(knots: Knots, i: int) -> tuple[float, float]:
-    return _transfer_between(knots.alpha[i], knots.sigma[i], knots.alpha[i + 1], knots.sigma[i + 1])
+    return noise_move(knots.alpha[i], knots.sigma[i], knots.alpha[i + 1], knots.sigma[i + 1])
 
 
 def _first_finite(knots: Knots) -> int:
@@ -71,18 +63,17 @@ class PLMS(LinearMultistep):
                 continue
             A, B = _transfer(knots, i)
             k = 1 if i <= start else min(i - start + 1, 4)
-            yield StepPlan(knots.t[i], A, tuple(B * c for c in _AB[k]), kind="eps")
+            yield StepPlan(knots.t[i], A, tuple(B * c for c in AB_EQUAL_STEPS[k]), kind="eps")
 
     def step(self, model, x, i, state, noise):
         if i > 0 or len(state.plans) < 2:
             return super().step(model, x, i, state, noise)
         # pseudo improved Euler: e0 at t0; a DDIM step; e1 there; the step again with (e0 + e1) / 2
         plan = state.plans[0]
-        estimate = (lambda pred: pred.x0) if plan.kind == "x0" else (lambda pred: pred.eps)
         first = model(x, plan.t)
-        guess = x * plan.A + estimate(first) * plan.P[0]
+        guess = x * plan.A + estimate(first, plan.kind) * plan.P[0]
         second = model(guess, state.plans[1].t)
-        out = x * plan.A + (estimate(first) + estimate(second)) * (0.5 * plan.P[0])
+        out = x * plan.A + (estimate(first, plan.kind) + estimate(second, plan.kind)) * (0.5 * plan.P[0])
         return out, state._replace(history=(first,), x_base=None)
 
 
@@ -125,7 +116,7 @@ class PNDM(PLMS):
                 t_mid = 0.5 * (knots.t[i] + knots.t[i + 1])
                 a, s, a_mid, s_mid = knots.alpha[i], knots.sigma[i], float(proc.alpha(t_mid)), float(proc.sigma(t_mid))
                 # From alpha = 0 the noise form divides by zero: the same scheme on the data estimate.
-                move, kind = (_transfer_between, "eps") if a > 0.0 else (data_move, "x0")
+                move, kind = (noise_move, "eps") if a > 0.0 else (data_move, "x0")
                 rk.append(RungeKuttaStep(knots.t[i], t_mid, knots.t[i + 1], move(a, s, a_mid, s_mid),
                                          move(a, s, knots.alpha[i + 1], knots.sigma[i + 1]), kind))
             else:
@@ -139,12 +130,11 @@ class PNDM(PLMS):
             x, inner = LinearMultistep.step(self, model, x, i, inner, noise)
             return x, state._replace(multistep=inner)
         (a_half, b_half), (a, b) = st.half, st.whole
-        estimate = (lambda pred: pred.eps) if st.kind == "eps" else (lambda pred: pred.x0)
         first = model(x, st.t)
-        e1 = estimate(first)
-        e2 = estimate(model(x * a_half + e1 * b_half, st.t_mid))
-        e3 = estimate(model(x * a_half + e2 * b_half, st.t_mid))
-        e4 = estimate(model(x * a + e3 * b, st.t_next))
+        e1 = estimate(first, st.kind)
+        e2 = estimate(model(x * a_half + e1 * b_half, st.t_mid), st.kind)
+        e3 = estimate(model(x * a_half + e2 * b_half, st.t_mid), st.kind)
+        e4 = estimate(model(x * a + e3 * b, st.t_next), st.kind)
         out = x * a + (e1 + 2.0 * e2 + 2.0 * e3 + e4) * (b / 6.0)
         history = ((first,) + inner.history)[:inner.keep]
         return out, state._replace(multistep=inner._replace(history=history))
