@@ -9,7 +9,8 @@ no solver ever branches on it.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+from typing import Callable
 
 import torch
 
@@ -21,21 +22,62 @@ __all__ = ["Denoiser", "Prediction", "PREDICTIONS", "convert_prediction"]
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
 
-class Prediction(NamedTuple):
+class Prediction:
     """A network's answer at ``(x, t)`` in the two forms every solver uses.
 
     ``x0`` is the posterior-mean estimate of the data and ``eps`` the matching
     noise estimate, with ``x = alpha x0 + sigma eps``. The other forms are
     derived from these on request.
 
+    A Denoiser answers with the network's output ``raw`` and, for each form, the
+    numbers ``(p, q)`` with ``form = p x + q raw`` (every prediction type is such a
+    pair of linear maps). A form is computed when it is first read, so a solver
+    that reads neither pays for neither, and :func:`~diffsampler.solvers.base.combine`
+    folds a form it has not read into the weights of ``x`` and ``raw``: an Euler or
+    DDIM step is then two kernels in all. ``Prediction(x0, eps)`` holds both forms.
+
     ``renoise`` is set only by classifier-free guidance with ``plus_plus=True``:
     the unconditional noise estimate, which the CFG++ solvers (``euler_cfg_pp``,
     ``euler_ancestral_cfg_pp``) re-noise with. Every other solver ignores it.
     """
 
-    x0: torch.Tensor
-    eps: torch.Tensor
-    renoise: torch.Tensor | None = None
+    __slots__ = ("_x0", "_eps", "renoise", "at", "raw", "_maps")
+
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor, renoise: torch.Tensor | None = None):
+        self._x0, self._eps, self.renoise = x0, eps, renoise
+        self.at = self.raw = self._maps = None
+
+    @classmethod
+    def of_output(cls, x: torch.Tensor, raw: torch.Tensor, x0_map: tuple, eps_map: tuple) -> "Prediction":
+        """The answer ``raw`` of a network at ``x``, with ``x0 = p x + q raw`` for ``(p, q) = x0_map`` and
+        ``eps`` likewise. ``p`` and ``q`` are floats, or tensors that broadcast against ``x`` (one time per
+        sample); a map ``(0, 1)`` is ``raw`` itself."""
+        self = cls.__new__(cls)
+        self._x0 = raw if x0_map is _RAW else None
+        self._eps = raw if eps_map is _RAW else None
+        self.renoise = None
+        self.at, self.raw, self._maps = x, raw, (x0_map, eps_map)
+        return self
+
+    @property
+    def x0(self) -> torch.Tensor:
+        if self._x0 is None:
+            self._x0 = _apply(self._maps[0], self.at, self.raw)
+        return self._x0
+
+    @property
+    def eps(self) -> torch.Tensor:
+        if self._eps is None:
+            self._eps = _apply(self._maps[1], self.at, self.raw)
+        return self._eps
+
+    def linear_form(self, kind: str):
+        """``(p, q)`` floats with ``estimate = p * self.at + q * self.raw`` for the estimate ``kind`` (``"x0"``
+        or ``"eps"``) when it has not been computed yet, else ``None`` (use the tensor)."""
+        if self._maps is None or (self._x0 if kind == "x0" else self._eps) is not None:
+            return None
+        pq = self._maps[0] if kind == "x0" else self._maps[1]
+        return pq if type(pq[0]) is float and type(pq[1]) is float else None
 
     def score(self, process: Process, t: float) -> torch.Tensor:
         """``grad log p_t(x) = -eps / sigma``."""
@@ -76,41 +118,74 @@ def _broadcast(c, x: torch.Tensor):
     return float(c)
 
 
+_RAW = (0.0, 1.0)
+
+
+def _is_raw(pq) -> bool:
+    return type(pq[0]) is float and type(pq[1]) is float and pq[0] == 0.0 and pq[1] == 1.0
+
+
+def _apply(pq, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``p x + q raw``."""
+    p, q = pq
+    if type(p) is float and type(q) is float:
+        if p == 0.0:
+            return raw * coefficient(q, raw)
+        out = torch.mul(x, coefficient(p, x))
+        return out.add_(raw, alpha=q) if q != 0.0 else out
+    return x * p + raw * q
+
+
+def _ratio(n, d):
+    """``n / d``; NaN (an undefined form) where ``d`` is a float zero, as tensor division gives for tensors."""
+    if type(d) is float and d == 0.0:
+        return math.nan
+    return n / d
+
+
 def _coefficients(process: Process, t, prediction: str):
-    """The process values ``convert_prediction`` needs at ``t``: (alpha, sigma, d_alpha, d_sigma)."""
+    """The process values ``prediction_maps`` needs at ``t``: (alpha, sigma, d_alpha, d_sigma)."""
     derivs = prediction == "velocity"
     return (process.alpha(t), process.sigma(t),
             process.d_alpha(t) if derivs else None, process.d_sigma(t) if derivs else None)
 
 
+def prediction_maps(prediction: str, a, s, da=None, ds=None) -> tuple[tuple, tuple]:
+    """``((p, q), (p', q'))`` with ``x0 = p x + q out`` and ``eps = p' x + q' out`` for a network output ``out``
+    of type ``prediction`` at ``x``, where ``x = a x0 + s eps`` (and ``u = da x0 + ds eps`` for a velocity).
+    Floats in, floats out; per-sample tensors in, tensors out (the constant entries stay floats)."""
+    if prediction == "eps":
+        return (_ratio(1.0, a), _ratio(-s, a)), _RAW
+    if prediction == "x0":
+        return _RAW, (_ratio(1.0, s), _ratio(-a, s))
+    if prediction == "v":
+        # [x; v] = [[a, s], [-s, a]] [x0; eps]; the determinant is a^2 + s^2 (1 for VP).
+        det = a * a + s * s
+        return (_ratio(a, det), _ratio(-s, det)), (_ratio(s, det), _ratio(a, det))
+    if prediction == "score":
+        # score = -eps / s
+        return (_ratio(1.0, a), _ratio(s * s, a)), (0.0, -s)
+    if prediction == "velocity":
+        # [x; u] = [[a, s], [a', s']] [x0; eps]
+        det = a * ds - s * da
+        return (_ratio(ds, det), _ratio(-s, det)), (_ratio(-da, det), _ratio(a, det))
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def _float_or_broadcast(c, x: torch.Tensor):
+    return None if c is None else _broadcast(c, x)
+
+
 def convert_prediction(out: torch.Tensor, x: torch.Tensor, prediction: str, process: Process,
                        t, coefficients=None) -> Prediction:
-    """Turn a network output of type ``prediction`` at ``(x, t)`` into ``Prediction(x0, eps)``.
+    """Turn a network output of type ``prediction`` at ``(x, t)`` into a :class:`Prediction`.
 
     ``t`` is a float, or a float64 tensor with one time per sample.
     ``coefficients`` may carry ``_coefficients(process, t, prediction)`` computed earlier.
     """
-    a, s, da, ds = coefficients if coefficients is not None else _coefficients(process, t, prediction)
-    if isinstance(a, float) and prediction == "eps":  # the common case, in two fused kernels
-        return Prediction(torch.add(x, out, alpha=-s).mul_(1.0 / a), out)
-    a, s = _broadcast(a, x), _broadcast(s, x)
-    if prediction == "eps":
-        return Prediction((x - s * out) / a, out)
-    if prediction == "x0":
-        return Prediction(out, (x - a * out) / s)
-    if prediction == "v":
-        # [x; v] = [[a, s], [-s, a]] [x0; eps]; the determinant is a^2 + s^2 (1 for VP).
-        det = a * a + s * s
-        return Prediction((a * x - s * out) / det, (s * x + a * out) / det)
-    if prediction == "score":
-        eps = out * (-s)
-        return Prediction((x - s * eps) / a, eps)
-    if prediction == "velocity":
-        da, ds = _broadcast(da, x), _broadcast(ds, x)
-        # [x; u] = [[a, s], [a', s']] [x0; eps]
-        det = a * ds - s * da
-        return Prediction((ds * x - s * out) / det, (a * out - da * x) / det)
-    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    values = coefficients if coefficients is not None else _coefficients(process, t, prediction)
+    maps = prediction_maps(prediction, *(_float_or_broadcast(c, x) for c in values))
+    return Prediction.of_output(x, out, *maps)
 
 
 class Denoiser:
@@ -161,34 +236,31 @@ class Denoiser:
         """Evaluate the network at ``(x, t)``; ``t`` is a float or one float64 time per sample.
 
         The time tensor handed to the network is shared between calls at the same
-        time and batch shape: networks must treat their inputs as read-only.
+        time and batch shape: networks must treat their inputs as read-only, and return
+        a fresh tensor (the answer refers to it until the solver is done with it).
         """
-        if isinstance(t, torch.Tensor) and t.ndim > 0:
-            coefficients = None
-            tin = self.time_input(t).to(device=x.device, dtype=time_dtype(x))
-        else:
+        if type(t) is not float:
+            if isinstance(t, torch.Tensor) and t.ndim > 0:
+                out = self.fn(x, self.time_input(t).to(device=x.device, dtype=time_dtype(x)), **cond)
+                self.nfe += 1
+                return self._convert(out, x, t, None)
             t = float(t)
-            key = (t, x.shape[0], x.dtype, x.device)
-            cached = self._cache.get(key)
-            if cached is None:
-                # Solvers evaluate at the same few grid times over and over: compute the
-                # process values, the time tensor and the eps -> x0 multiplier there once (a pure memo).
-                if len(self._cache) > 4096:
-                    self._cache.clear()
-                coefficients = _coefficients(self.process, t, self.prediction)
-                tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=time_dtype(x), device=x.device)
-                a = coefficients[0]
-                fast = (coefficient(1.0 / a, x) if self.prediction == "eps" and a > 0 else None)
-                cached = self._cache[key] = (coefficients, tin, fast)
-            coefficients, tin, fast = cached
-            out = self.fn(x, tin, **cond)
-            self.nfe += 1
-            if type(out) is torch.Tensor and out.shape == x.shape and out.dtype == x.dtype and fast is not None:
-                # eps models at one time for the batch (the hot path): x0 = (x - sigma eps) / alpha, two kernels
-                return Prediction(torch.add(x, out, alpha=-coefficients[1]).mul_(fast), out)
-            return self._convert(out, x, t, coefficients)
-        out = self.fn(x, tin, **cond)
+        key = (t, x.shape[0], x.dtype, x.device)
+        cached = self._cache.get(key)
+        if cached is None:
+            # Solvers evaluate at the same few grid times over and over: compute the process
+            # values, the time tensor and the prediction's maps there once (a pure memo).
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            coefficients = _coefficients(self.process, t, self.prediction)
+            tin = torch.full((x.shape[0],), float(self.time_input(t)), dtype=time_dtype(x), device=x.device)
+            maps = prediction_maps(self.prediction, *(None if c is None else float(c) for c in coefficients))
+            cached = self._cache[key] = (coefficients, tin, maps)
+        coefficients, tin, maps = cached
+        out = self.fn(x, tin, **cond) if cond else self.fn(x, tin)
         self.nfe += 1
+        if type(out) is torch.Tensor and out.dtype == x.dtype and out.shape == x.shape:
+            return Prediction.of_output(x, out, *maps)  # the hot path: no kernel until a form is read
         return self._convert(out, x, t, coefficients)
 
     def _convert(self, out, x: torch.Tensor, t, coefficients) -> Prediction:

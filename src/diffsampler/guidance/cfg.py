@@ -150,7 +150,7 @@ class cfg(DenoiserTransform):  # noqa: N801 - used like a function: cfg(model, s
             guided = Prediction(c.x0 + keep * (guided.x0 - c.x0), c.eps + keep * (guided.eps - c.eps))
         if self.plus_plus:
             renoise = u.eps if not isinstance(inside, torch.Tensor) else c.eps + keep * (u.eps - c.eps)
-            guided = guided._replace(renoise=renoise)
+            guided = Prediction(guided.x0, guided.eps, renoise)
         return guided
 
     def combine(self, c: Prediction, u: Prediction, x: torch.Tensor, t) -> Prediction:

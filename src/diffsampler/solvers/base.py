@@ -35,9 +35,50 @@ from .._scalars import coefficient
 from ..denoiser import Prediction
 from ..process import Process
 
-__all__ = ["Knots", "Solver", "Model", "NoiseOptions", "coefficient"]
+__all__ = ["Knots", "Solver", "Model", "NoiseOptions", "coefficient", "combine"]
 
 Model = Callable[[torch.Tensor, Any], Prediction]
+
+
+def combine(x: torch.Tensor, a: float, terms, kind: str = "x0") -> torch.Tensor:
+    """``a x + sum_j w_j e_j`` for ``terms = ((w_j, e_j), ...)``, where ``e_j`` is a tensor or a
+    :class:`~diffsampler.Prediction` standing for its estimate ``kind`` (``"x0"`` or ``"eps"``).
+
+    An estimate not yet formed enters through the network output it derives from
+    (``estimate = p at + q raw``, :meth:`Prediction.linear_form`), its share of ``at``
+    merged with the term on that tensor. So an estimate evaluated at ``x`` itself costs
+    one kernel, as a formed one does, and forming it would cost two more: an Euler or
+    DDIM step from an eps network is ``mul`` and ``add_`` in all. A caller that reads an
+    estimate again later passes ``pred.x0`` instead where merging is not possible, so it
+    is formed once. A term of weight zero is skipped (its estimate may be undefined, as
+    x0 at ``t = 1`` of a flow).
+    """
+    tensors, weights = [x], [a]
+    for w, e in terms:
+        if w == 0.0:
+            continue
+        if type(e) is Prediction:
+            form = e.linear_form(kind)
+            if form is not None:
+                at = e.at
+                for k in range(len(tensors)):
+                    if tensors[k] is at:
+                        weights[k] += w * form[0]
+                        break
+                else:
+                    tensors.append(at)
+                    weights.append(w * form[0])
+                tensors.append(e.raw)
+                weights.append(w * form[1])
+                continue
+            e = e.x0 if kind == "x0" else e.eps
+        tensors.append(e)
+        weights.append(w)
+    out = torch.mul(x, coefficient(weights[0], x))
+    for k in range(1, len(tensors)):
+        if weights[k] != 0.0:
+            out.add_(tensors[k], alpha=weights[k])
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Knots, Solver, coefficient
+from .base import Knots, Solver, combine
 
 __all__ = ["Euler", "Heun", "DPM2", "frame_point", "frame_euler", "dpm2_plan", "dpm2_move"]
 
@@ -59,7 +59,6 @@ class KarrasStep(NamedTuple):
 
 class KarrasState(NamedTuple):
     steps: tuple[KarrasStep, ...]
-    keep: tuple = ()            # per step, the weight of x_hat (Euler's w_x) as a multiplier (see coefficient)
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class _ChurnedSolver(Solver):
                     if s1 > 0 else (0.0, 0.0, 0.0, 0.0))
             steps.append(KarrasStep(t_hat, keep, noise, scale_hat, s_hat, c1, s1, knots.t[i + 1],
                                     frame_euler(scale_hat, s_hat, c1, s1), heun))
-        return KarrasState(tuple(steps), tuple(coefficient(st.euler[0], x) for st in steps))
+        return KarrasState(tuple(steps))
 
     @staticmethod
     def _churn(x: torch.Tensor, i: int, st: KarrasStep, noise) -> torch.Tensor:
@@ -130,8 +129,9 @@ class Euler(_ChurnedSolver):
 
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
-        x = self._churn(x, i, st, noise)
-        return torch.mul(x, state.keep[i]).add_(model(x, st.t_hat).x0, alpha=st.euler[1]), state
+        if st.churn_noise != 0.0:
+            x = self._churn(x, i, st, noise)
+        return combine(x, st.euler[0], ((st.euler[1], model(x, st.t_hat)),)), state
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,12 @@ class Heun(_ChurnedSolver):
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
         x = self._churn(x, i, st, noise)
-        x0 = model(x, st.t_hat).x0
-        x_euler = torch.mul(x, state.keep[i]).add_(x0, alpha=st.euler[1])
+        pred = model(x, st.t_hat)
+        x_euler = combine(x, st.euler[0], ((st.euler[1], pred),))
         if st.s_next == 0.0:
             return x_euler, state
-        x0_next = model(x_euler, st.t_next).x0
         w_x, w_m, w_e, w_n = st.heun
-        out = torch.mul(x, w_x).add_(x0, alpha=w_m).add_(x_euler, alpha=w_e).add_(x0_next, alpha=w_n)
-        return out, state
+        return combine(x, w_x, ((w_m, pred), (w_e, x_euler), (w_n, model(x_euler, st.t_next)))), state
 
 
 class DPM2Move(NamedTuple):
@@ -184,13 +182,12 @@ def dpm2_plan(a: tuple, mid: tuple, b: tuple) -> DPM2Move:
 
 
 def dpm2_move(model, x: torch.Tensor, move: DPM2Move) -> torch.Tensor:
-    x0 = model(x, move.t_a).x0
     wx, wm = move.to_mid
-    x_mid = torch.mul(x, wx).add_(x0, alpha=wm)
+    x_mid = combine(x, wx, ((wm, model(x, move.t_a)),))
     if move.into_zero:
         return x_mid
     w_x, w_mid, w_m = move.final
-    return torch.mul(x, w_x).add_(x_mid, alpha=w_mid).add_(model(x_mid, move.t_mid).x0, alpha=w_m)
+    return combine(x, w_x, ((w_mid, x_mid), (w_m, model(x_mid, move.t_mid))))
 
 
 class DPM2State(NamedTuple):

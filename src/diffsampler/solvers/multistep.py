@@ -28,7 +28,7 @@ from typing import ClassVar, NamedTuple, Optional
 import torch
 
 from ..denoiser import Prediction
-from .base import Knots, Solver, coefficient
+from .base import Knots, Solver, combine
 
 __all__ = ["StepPlan", "LinearMultistep", "MultistepState", "step_orders", "finite_nodes", "estimate",
            "LOWER_ORDER_FINAL_BELOW", "OrderedMultistep"]
@@ -83,21 +83,47 @@ class MultistepState(NamedTuple):
     keep: int                                 # how many past estimates any later step reads
     history: tuple[Prediction, ...]           # the model's answers at i-1, i-2, ... (most recent first)
     x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
-    A: tuple = ()                             # per step, plan.A as a multiplier (see base.coefficient)
     z_base: Optional[torch.Tensor] = None     # the predictor's noise, kept for a corrector that reuses it
+    # per step, for each weight of P (and of the previous step's K): whether that read of an estimate
+    # is its last (see last_reads); None: every read may be followed by another
+    last_P: Optional[tuple[tuple[bool, ...], ...]] = None
+    last_K: Optional[tuple[tuple[bool, ...], ...]] = None
+
+
+def last_reads(plans, evaluate_corrected: bool = False) -> tuple[tuple, tuple]:
+    """For each step, which of its reads of past estimates are their last: ``(last_P, last_K)``,
+    aligned with each plan's ``P`` and with the ``K`` of the plan before it (empty without one).
+
+    An estimate read again later is formed once (two kernels) and then costs one kernel a read;
+    at its last read, :func:`~diffsampler.solvers.base.combine` takes it straight from the network
+    output (two kernels, and none to form it). DPM-Solver++(2M) reads each estimate twice, so
+    this saves a kernel a step.
+    """
+    events = []  # (step, phase, position, estimate); phase 0 corrector, 1 predictor, in execution order
+    for s, plan in enumerate(plans):
+        K = plans[s - 1].K if s > 0 else None
+        if K is not None:
+            for j, w in enumerate(K[:-1]):
+                if w != 0.0:
+                    events.append((s, 0, j, s - 1 - j))
+            if K[-1] != 0.0:  # the estimate at the uncorrected point, read by the predictor too unless PECE
+                events.append((s, 0, len(K) - 1, ("uncorrected", s) if evaluate_corrected else s))
+        for j, w in enumerate(plan.P):
+            if w != 0.0:
+                events.append((s, 1, j, s - j))
+    final = {}
+    for event in events:
+        final[event[3]] = event
+    last_P = [[False] * len(p.P) for p in plans]
+    last_K = [[False] * (len(plans[s - 1].K) if s > 0 and plans[s - 1].K else 0) for s in range(len(plans))]
+    for s, phase, j, _ in final.values():
+        (last_P if phase else last_K)[s][j] = True
+    return tuple(map(tuple, last_P)), tuple(map(tuple, last_K))
 
 
 def estimate(pred: Prediction, kind: str) -> torch.Tensor:
     """The model's data estimate (``kind == "x0"``) or noise estimate (``"eps"``)."""
     return pred.x0 if kind == "x0" else pred.eps
-
-
-def _combine(x: torch.Tensor, A, weights, predictions, kind: str) -> torch.Tensor:
-    out = torch.mul(x, A)
-    for w, pred in zip(weights, predictions):
-        if w != 0.0:
-            out.add_(estimate(pred, kind), alpha=w)
-    return out
 
 
 class LinearMultistep(Solver):
@@ -111,8 +137,10 @@ class LinearMultistep(Solver):
 
     def init(self, knots: Knots, x: torch.Tensor) -> MultistepState:
         plans = tuple(self.plan(knots))
-        keep = max(max(len(p.P), len(p.K) - 1 if p.K else 0) for p in plans)
-        return MultistepState(plans, keep, (), None, tuple(coefficient(p.A, x) for p in plans))
+        # step i reads answers (m_i, m_{i-1}, ...)[:len(P)], its history being the previous step's answers
+        # cut to `keep`; the corrector after step i reads that step's answers[:len(K) - 1]
+        keep = max(max(len(p.P) - 1, len(p.K) - 1 if p.K else 0) for p in plans)
+        return MultistepState(plans, keep, (), None, None, *last_reads(plans, self.evaluate_corrected))
 
     def step(self, model, x, i, state, noise):
         plan = state.plans[i]
@@ -120,22 +148,33 @@ class LinearMultistep(Solver):
         if i > 0:
             prev = state.plans[i - 1]
             if prev.K is not None:  # correct x_i with the model output just computed there
-                x = _combine(state.x_base, state.A[i - 1], prev.K[:-1], state.history, prev.kind)
-                x.add_(estimate(pred, prev.kind), alpha=prev.K[-1])
+                base = state.x_base
+                last = state.last_K[i]
+                terms = _reads(prev.K[:-1], state.history, last, base, prev.kind)
+                terms += _reads(prev.K[-1:], (pred,), last[-1:], base, prev.kind)
                 if prev.C != 0.0:  # the predictor's own noise
-                    x.add_(state.z_base, alpha=prev.C)
+                    terms.append((prev.C, state.z_base))
+                x = combine(base, prev.A, terms, prev.kind)
                 if self.evaluate_corrected:
                     pred = model(x, plan.t)
         answers = (pred,) + state.history
-        out = _combine(x, state.A[i], plan.P, answers, plan.kind)
+        terms = _reads(plan.P, answers, state.last_P[i], x, plan.kind)
         z = None
         if plan.C != 0.0:
             z = noise.draw(i)
-            out.add_(z, alpha=plan.C)
+            terms.append((plan.C, z))
+        out = combine(x, plan.A, terms, plan.kind)
         corrected = plan.K is not None
         # (a new tuple directly: NamedTuple._replace costs about 2 us, a tenth of the step)
         return out, MultistepState(state.plans, state.keep, answers[:state.keep], x if corrected else None,
-                                   state.A, z if corrected else None)
+                                   z if corrected else None, state.last_P, state.last_K)
+
+
+def _reads(weights, answers, last, base, kind) -> list:
+    """``(weight, estimate)`` terms for :func:`combine`: the answer itself where that is cheaper (the
+    estimate's last read, see ``last_reads``, or an answer at ``base``, which merges with it), else the
+    formed estimate."""
+    return [(w, a if f or a.at is base else estimate(a, kind)) for w, a, f in zip(weights, answers, last)]
 
 
 @dataclass(frozen=True)
