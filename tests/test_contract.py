@@ -57,6 +57,51 @@ def test_a_sample_does_not_depend_on_its_batch(cfg):
 
 
 @pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
+def test_no_solver_writes_into_a_sample_once_returned(cfg):
+    """The loop keeps the samples since its last NaN check to name a bad step, and answers keep the
+    sample they were evaluated at: neither the caller's x nor any sample a step returned may change later."""
+    p = ds.VP.scaled_linear()
+    x_T = p.prior((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = x_T.clone()
+    seen = []
+    _run(cfg, x_T, p, ds.grids.karras(p, 8), callback=lambda info: seen.append((info["x"], info["x"].clone())))
+    assert torch.equal(x_T, start)
+    assert len(seen) == 8 and all(torch.equal(x, copy) for x, copy in seen)
+
+
+MULTISTEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"solver_order": 3}), ("sa_solver", {"eta": 0.0}),
+             ("sa_solver_pece", {"eta": 0.0}), ("dpm_solver", {"solver_order": 3}),
+             ("dpmpp_2m_sde", {"eta": 0.0}), ("plms", {}), ("pndm", {})]
+
+
+@pytest.mark.parametrize("cfg", MULTISTEP, ids=config_id)
+def test_the_multistep_engine_reads_estimates_however_it_likes(cfg):
+    """Folding an estimate into the network output (at its last read) or forming it once is a cost
+    choice of the engine: forming every estimate, or folding every one, gives the same run."""
+    from diffsampler.loop import _initial_state
+
+    p = ds.VP.scaled_linear()
+    model = GMM.denoiser(p, "eps")
+    solver = ds.solvers.get(cfg[0], **cfg[1])
+    x_T = p.prior((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = ds.grids.karras(p, 12)
+    knots, state = _initial_state(solver, p, tuple(grid.tolist()), tuple(x_T.shape), x_T.dtype, x_T.device)
+    inner = getattr(state, "multistep", state)
+
+    def run(flag):
+        flags = {f: tuple(tuple(flag for _ in row) for row in getattr(inner, f)) for f in ("last_P", "last_K")}
+        s = state._replace(multistep=inner._replace(**flags)) if inner is not state else state._replace(**flags)
+        x = x_T
+        for i in range(len(knots)):
+            x, s = solver.step(model, x, i, s, None)
+        return x
+
+    default = ds.sample(model, x_T, grid, solver)
+    for flag in (False, True):
+        torch.testing.assert_close(run(flag), default, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", SOLVER_CONFIGS, ids=config_id)
 def test_solver_objects_hold_no_state_between_runs(cfg):
     """One solver object used for two different problems in turn gives what fresh objects give."""
     p = ds.VP.linear()

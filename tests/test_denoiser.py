@@ -92,3 +92,58 @@ def test_bad_arguments_raise_clear_errors():
     bad = ds.Denoiser(lambda x, t: x[:, :1], ds.EDM(), "x0", name="half")
     with pytest.raises(ValueError, match=r"returned \(2, 1\) for an input of shape \(2, 3\)"):
         bad(torch.zeros(2, 3), 1.0)
+
+
+@pytest.mark.parametrize("key", ["vp_scaled_linear", "edm", "flow"])
+@pytest.mark.parametrize("prediction", ds.PREDICTIONS)
+@pytest.mark.parametrize("kind", ["x0", "eps"])
+def test_combine_folds_an_unformed_estimate_exactly(key, prediction, kind):
+    """combine() takes an estimate nobody has read from the network output it derives from; the result
+    is the combination of the formed estimates, whether the answer was at the base sample or elsewhere."""
+    from diffsampler.solvers.base import combine
+
+    p = make_process(key)
+    model = _gmm().denoiser(p, prediction)
+    g = torch.Generator().manual_seed(4)
+    x, y, z = (torch.randn(16, 3, dtype=torch.float64, generator=g) for _ in range(3))
+    t, u = 0.6 * p.t_max + 0.4 * p.t_min, 0.3 * p.t_max + 0.7 * p.t_min
+
+    def estimate(pred):
+        return pred.x0 if kind == "x0" else pred.eps
+
+    folded = combine(x, 0.7, ((0.3, model(x, t)), (-0.2, model(y, u)), (0.5, z), (0.0, model(y, t))), kind)
+    formed = 0.7 * x + 0.3 * estimate(model(x, t)) - 0.2 * estimate(model(y, u)) + 0.5 * z
+    torch.testing.assert_close(folded, formed, rtol=1e-12, atol=1e-12)
+    # a form read before is used as it is
+    read = model(x, t)
+    estimate(read)
+    torch.testing.assert_close(combine(x, 0.7, ((0.3, read),), kind), 0.7 * x + 0.3 * estimate(read),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_an_undefined_form_is_harmless_until_read():
+    """At t = 1 of a flow an eps network's x0 is undefined (alpha = 0): the answer still carries eps, a
+    weight of zero on x0 leaves the combination finite, and reading x0 gives NaN, not an exception."""
+    from diffsampler.solvers.base import combine
+
+    p = ds.Flow()
+    model = ds.Denoiser(lambda x, t: 0.5 * x, p, "eps")
+    x = torch.randn(4, 2, dtype=torch.float64)
+    pred = model(x, 1.0)
+    torch.testing.assert_close(pred.eps, 0.5 * x)
+    assert torch.equal(combine(x, 1.0, ((0.0, pred),)), x)
+    assert torch.isnan(model(x, 1.0).x0).all()
+
+
+def test_per_sample_times_give_the_scalar_answers():
+    p = ds.VP.cosine()
+    gmm = _gmm()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    times = torch.linspace(0.2, 0.8, 6, dtype=torch.float64)
+    for prediction in ds.PREDICTIONS:
+        model = gmm.denoiser(p, prediction)
+        batch = model(x, times)
+        for k, t in enumerate(times.tolist()):
+            one = model(x[k:k + 1], t)
+            torch.testing.assert_close(batch.x0[k:k + 1], one.x0, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(batch.eps[k:k + 1], one.eps, rtol=1e-10, atol=1e-12)

@@ -38,7 +38,9 @@ def _choice(kind: str, value: str, valid) -> None:
 def solvers() -> None:
     """List every registered solver with its order, NFE per step and paper."""
     table = Table(title="diffsampler solvers")
-    for col in ("name", "order", "NFE/step", "stochastic", "options", "paper"):
+    # the name is what users type: never cut, whatever the terminal's width (the other columns wrap)
+    table.add_column("name", no_wrap=True, min_width=max(map(len, _solvers.names())))
+    for col in ("order", "NFE/step", "stochastic", "options", "paper"):
         table.add_column(col)
     for name in _solvers.names():
         cls = _solvers.REGISTRY[name]
