@@ -3,6 +3,9 @@
 import json
 
 import pytest
+import torch
+
+import diffsampler as ds
 
 pytest.importorskip("diffusers")
 
@@ -40,7 +43,7 @@ def test_quick_bench_writes_the_report(quick_run):
     assert all(r["nfe"] <= r["target_nfe"] for r in data["accuracy"])
     for row in data["best_per_nfe"]:
         assert row["ours_rmse"] > 0 and "ratio" in row
-    assert {r["library"] for r in data["overhead"]} == {"diffsampler", "diffusers", "k-diffusion"}
+    assert {r["library"] for r in data["overhead"]} == {"diffsampler", "diffusers", "k-diffusion", "plain loop"}
     assert {d["family"] for d in data["distribution"]} == {"diffsampler", "k-diffusion"}
     assert "## Stochastic samplers against the exact target" in text
     for name in ("overhead.png", "accuracy_ring8_vp_scaled_linear.png", "accuracy_ring8_flow.png"):
@@ -105,3 +108,21 @@ def test_budget_steps_spend_the_budget_and_no_more():
             steps = budget_steps(cls, budget)
             assert model.nfe == cls.run_nfe(steps, into_zero=True) <= budget < cls.run_nfe(steps + 1, True), \
                 (name, budget, model.nfe)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+def test_the_plain_loops_of_the_overhead_table_are_our_solvers(solver):
+    """The floor the overhead table shows is the same computation: a hand-written loop gives our sample."""
+    import diffusers
+
+    from diffsampler.bench import overhead, peers
+
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    process = peers.vp_process_of(sched)
+    sigma = torch.sqrt(1 - sched.alphas_cumprod.to(torch.float64))
+    eps_net = lambda x, timestep: x * sigma[int(timestep[0].round())]  # noqa: E731
+    grid = ds.grids.get("uniform", process, 20)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = overhead._plain_loop(solver, eps_net, process, grid, x)()
+    ours = ds.sample(ds.Denoiser(eps_net, process, "eps"), x, grid, solver)
+    torch.testing.assert_close(plain, ours, rtol=1e-10, atol=1e-10)

@@ -42,6 +42,8 @@ SHARED = {
     "dpm_2": (("KDPM2DiscreteScheduler", {}), "dpm_2"),
 }
 TWO_EVALS = ("heun", "dpm_2")
+# The floor: the same steps written by hand as plain PyTorch loops, every coefficient computed beforehand.
+PLAIN = ("ddim", "dpmpp_2m")
 
 
 @dataclass
@@ -113,6 +115,9 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
 
             out.append(Timing(shape, solver, "diffsampler",
                               *_per_step(lambda: sample(ours_model, x, grid, solver), model_only, repeats, STEPS)))
+            if solver in PLAIN:
+                loop = _plain_loop(solver, eps_net, process, grid, x)
+                out.append(Timing(shape, solver, "plain loop", *_per_step(loop, model_only, repeats, STEPS)))
 
             sched = getattr(diffusers, sched_name)(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085,
                                                       "beta_end": 0.012}, **sched_cfg)
@@ -134,6 +139,42 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
     return out
 
 
+def _plain_loop(solver: str, eps_net, process, grid: torch.Tensor, x: torch.Tensor) -> Callable[[], None]:
+    """A hand-written loop of ``solver`` ("ddim" or "dpmpp_2m", data-prediction form) as one would write it in
+    plain PyTorch: x0 from eps, then the step, in x; times and coefficients computed before the loop."""
+    g = grid.to(torch.float64)
+    a, s = process.alpha(g).tolist(), process.sigma(g).tolist()
+    times = [torch.full((x.shape[0],), float(process.time_input(t))) for t in g.tolist()]
+    lam = [math.log(ai / si) if si > 0 else math.inf for ai, si in zip(a, s)]
+    n = len(g) - 1
+
+    def ddim():
+        y = x
+        for i in range(n):
+            eps = eps_net(y, times[i])
+            y = a[i + 1] * ((y - s[i] * eps) / a[i]) + s[i + 1] * eps
+        return y
+
+    def dpmpp_2m():
+        y, x0_prev = x, None
+        for i in range(n):
+            eps = eps_net(y, times[i])
+            x0 = (y - s[i] * eps) / a[i]
+            if s[i + 1] == 0:
+                y = x0
+                break
+            h = lam[i + 1] - lam[i]
+            d = x0
+            if x0_prev is not None:
+                r = (lam[i] - lam[i - 1]) / h
+                d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+            y = (s[i + 1] / s[i]) * y - a[i + 1] * math.expm1(-h) * d
+            x0_prev = x0
+        return y
+
+    return {"ddim": ddim, "dpmpp_2m": dpmpp_2m}[solver]
+
+
 def ratio_rows(timings: list[Timing]) -> list[dict]:
     """One row per (shape, solver): our own cost and its ratio to each peer's own cost."""
     rows = []
@@ -142,6 +183,8 @@ def ratio_rows(timings: list[Timing]) -> list[dict]:
         by_lib = {t.library: t for t in timings if t.shape == shape and t.solver == solver}
         ours = by_lib["diffsampler"].own_us
         row = {"shape": shape, "solver": solver, "diffsampler_us": ours}
+        if "plain loop" in by_lib:
+            row["plain_us"] = by_lib["plain loop"].own_us
         for lib in ("diffusers", "k-diffusion"):
             if lib in by_lib:
                 row[f"{lib}_us"] = by_lib[lib].own_us

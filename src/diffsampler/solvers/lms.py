@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
 
-from .base import Knots, Solver
+from .base import Knots, Solver, combine
 from .multistep import OrderedMultistep
 
 __all__ = ["LMS", "DEIS", "IPNDM", "IPNDMV", "GradientEstimation", "lagrange_integrals", "log_lagrange_integrals",
@@ -70,9 +70,9 @@ def log_lagrange_integrals(nodes: list[float], lo: float, hi: float) -> list[flo
 
 class LMSState(NamedTuple):
     t: tuple[float, ...]
-    scale: tuple[float, ...]
-    s: tuple[float, ...]
-    coef: tuple[tuple[float, ...], ...]     # per step, weights of d_i, d_{i-1}, ...
+    slope: tuple[tuple[float, float], ...]  # per step, d = w_x x + w_m x0 (the derivative in y = x / scale, s)
+    keep_x: tuple[float, ...]               # per step, scale_{i+1} / scale_i: the weight of x_i in x_{i+1}
+    coef: tuple[tuple[float, ...], ...]     # per step, weights of d_i, d_{i-1}, ... in x_{i+1}
     keep: int                               # how many past derivatives any later step reads
     history: tuple[torch.Tensor, ...]       # past derivatives, most recent first
 
@@ -100,18 +100,19 @@ class _AdamsBashforth(Solver):
         return self._weights([knots.s[i - j] for j in range(k)], knots.s[i], knots.s[i + 1])
 
     def init(self, knots: Knots, x) -> LMSState:
-        coef = []
-        for i, k in enumerate(self._orders(knots)):
-            coef.append(tuple(self._step_weights(knots, i, k)))
-        return LMSState(knots.t, knots.scale, knots.s, tuple(coef), max(len(c) for c in coef) - 1, ())
+        # y' = y + sum_j c_j d_{i-j} with y = x / scale and d = dy/ds = (y - x0) / s, written for x itself
+        n = len(knots)
+        coef = [self._step_weights(knots, i, k) for i, k in enumerate(self._orders(knots))]
+        return LMSState(knots.t, tuple((1.0 / (knots.scale[i] * knots.s[i]), -1.0 / knots.s[i]) for i in range(n)),
+                        tuple(knots.scale[i + 1] / knots.scale[i] for i in range(n)),
+                        tuple(tuple(knots.scale[i + 1] * c for c in coef[i]) for i in range(n)),
+                        max(len(c) for c in coef) - 1, ())
 
     def step(self, model, x, i, state, noise):
-        y = x / state.scale[i]
-        d = (y - model(x, state.t[i]).x0) / state.s[i]
-        history = (d,) + state.history
-        for c, d_j in zip(state.coef[i], history):
-            y = y.add(d_j, alpha=c)
-        return y * state.scale[i + 1], state._replace(history=history[: state.keep])
+        w_x, w_m = state.slope[i]
+        history = (combine(x, w_x, ((w_m, model(x, state.t[i])),)),) + state.history
+        out = combine(x, state.keep_x[i], tuple(zip(state.coef[i], history)))
+        return out, LMSState(state.t, state.slope, state.keep_x, state.coef, state.keep, history[:state.keep])
 
 
 @dataclass(frozen=True)
