@@ -7,7 +7,8 @@ others, with sigma read from a table). Each repeat times a whole 50-step run and
 right after it, the model alone called as often as the run calls it; their
 difference is the sampler's own work. We report medians over repeats, per step.
 Timing the two back to back keeps slow drifts of the machine (and, for the large
-shapes, of its caches) out of the difference.
+shapes, of its caches) out of the difference, and the libraries take turns within
+each repeat, so that a slow spell weighs on all of them alike.
 """
 
 from __future__ import annotations
@@ -56,21 +57,28 @@ class Timing:
     own_us: float        # total - model
 
 
-def _per_step(run: Callable[[], None], model_only: Callable[[], None], repeats: int,
-              steps: int) -> tuple[float, float, float]:
-    """Medians per step, in microseconds, of (the run, the model alone, their difference)."""
-    run(), model_only()  # warm-up
-    totals, models, own = [], [], []
+def _per_step(cases: dict[str, tuple[Callable[[], None], Callable[[], None]]], repeats: int,
+              steps: int) -> dict[str, tuple[float, float, float]]:
+    """Per library, medians per step in microseconds of (the run, the model alone, their difference).
+
+    ``cases`` maps a library to (its run, its model alone). The libraries take turns within each repeat,
+    so a slow spell of the machine weighs on all of them alike and the ratios stay fair.
+    """
+    for run, model_only in cases.values():  # warm-up
+        run(), model_only()
+    samples = {lib: ([], [], []) for lib in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        middle = time.perf_counter()
-        model_only()
-        end = time.perf_counter()
-        totals.append(middle - start)
-        models.append(end - middle)
-        own.append((middle - start) - (end - middle))
-    return tuple(statistics.median(v) / steps * 1e6 for v in (totals, models, own))
+        for lib, (run, model_only) in cases.items():
+            start = time.perf_counter()
+            run()
+            middle = time.perf_counter()
+            model_only()
+            end = time.perf_counter()
+            totals, models, own = samples[lib]
+            totals.append(middle - start)
+            models.append(end - middle)
+            own.append((middle - start) - (end - middle))
+    return {lib: tuple(statistics.median(v) / steps * 1e6 for v in values) for lib, values in samples.items()}
 
 
 def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> list[Timing]:
@@ -79,7 +87,7 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
 
     warnings.filterwarnings("ignore", module="diffusers")
     ks = peers.kdiffusion_sampling()
-    repeats = 3 if quick else 31
+    repeats = 3 if quick else 51
     shapes = SHAPES[:1] if quick else SHAPES
     base = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     process = peers.vp_process_of(base)
@@ -113,29 +121,28 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
                 for _ in range(n_evals):
                     kd_model(x, torch.full((shape[0],), 1.5))
 
-            out.append(Timing(shape, solver, "diffsampler",
-                              *_per_step(lambda: sample(ours_model, x, grid, solver), model_only, repeats, STEPS)))
+            cases = {"diffsampler": (lambda: sample(ours_model, x, grid, solver), model_only)}
             if solver in PLAIN:
-                loop = _plain_loop(solver, eps_net, process, grid, x)
-                out.append(Timing(shape, solver, "plain loop", *_per_step(loop, model_only, repeats, STEPS)))
+                cases["plain loop"] = (_plain_loop(solver, eps_net, process, grid, x), model_only)
 
             sched = getattr(diffusers, sched_name)(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085,
                                                       "beta_end": 0.012}, **sched_cfg)
 
-            def run_diffusers():
+            def run_diffusers(sched=sched):
                 sched.set_timesteps(STEPS)
                 sample_ = x * sched.init_noise_sigma
                 for t in sched.timesteps:
                     inp = sched.scale_model_input(sample_, t)
                     sample_ = sched.step(eps_net(inp, t.reshape(1).expand(shape[0])), t, sample_).prev_sample
 
-            out.append(Timing(shape, solver, "diffusers", *_per_step(run_diffusers, model_only, repeats, STEPS)))
-
+            cases["diffusers"] = (run_diffusers, model_only)
             if kd_name is not None:
                 sigmas = ks.get_sigmas_karras(STEPS, 0.03, 14.6, device="cpu")
                 fn = getattr(ks, f"sample_{kd_name}")
-                out.append(Timing(shape, solver, "k-diffusion", *_per_step(
-                    lambda: fn(kd_model, x * 14.6, sigmas, disable=True), kd_model_only, repeats, STEPS)))
+                cases["k-diffusion"] = (lambda fn=fn, sigmas=sigmas: fn(kd_model, x * 14.6, sigmas, disable=True),
+                                        kd_model_only)
+            for lib, medians in _per_step(cases, repeats, STEPS).items():
+                out.append(Timing(shape, solver, lib, *medians))
     return out
 
 

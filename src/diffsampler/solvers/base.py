@@ -61,13 +61,16 @@ def combine(x: torch.Tensor, a: float, terms, kind: str = "x0") -> torch.Tensor:
             form = e.linear_form(kind)
             if form is not None:
                 at = e.at
-                for k in range(len(tensors)):
-                    if tensors[k] is at:
-                        weights[k] += w * form[0]
-                        break
+                if at is x:  # the common case: the answer at the point being moved
+                    weights[0] += w * form[0]
                 else:
-                    tensors.append(at)
-                    weights.append(w * form[0])
+                    for k, seen in enumerate(tensors):
+                        if seen is at:
+                            weights[k] += w * form[0]
+                            break
+                    else:
+                        tensors.append(at)
+                        weights.append(w * form[0])
                 tensors.append(e.raw)
                 weights.append(w * form[1])
                 continue
@@ -75,9 +78,9 @@ def combine(x: torch.Tensor, a: float, terms, kind: str = "x0") -> torch.Tensor:
         tensors.append(e)
         weights.append(w)
     out = torch.mul(x, coefficient(weights[0], x))
-    for k in range(1, len(tensors)):
-        if weights[k] != 0.0:
-            out.add_(tensors[k], alpha=weights[k])
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        if weight != 0.0:
+            out.add_(tensor, alpha=weight)
     return out
 
 
