@@ -35,7 +35,8 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     dlogging.set_verbosity_error()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    old = _load(Path(root)) if set(sections) != set(SECTIONS) else {}
+    partial = set(sections) != set(SECTIONS)
+    old = _load(Path(root)) if partial else {}
     if "accuracy" in sections:
         old["accuracy"] = run_accuracy(quick=quick, n=64 if quick else 128, log=log)
     if "adaptive" in sections:
@@ -48,11 +49,12 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
         old["models"] = run_models(quick=quick, log=log)
         old["guidance"] = run_guidance(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
-    if "command" in old:  # a partial run: say which sections came from which command
-        command = f"{old['command']}, then {command} --section {' --section '.join(sections)}"
+    if partial:  # each section keeps the command that last produced it
+        command += " --section " + " --section ".join(sections)
+    provenance = {**old.get("provenance", {}), **{s: command for s in sections}}
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
-    path = write_report(results, failures, dist, timings, Path(root), command, machine, old.get("models", []),
+    path = write_report(results, failures, dist, timings, Path(root), provenance, machine, old.get("models", []),
                         old.get("guidance", []), adaptive_results=old.get("adaptive", []))
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
@@ -77,7 +79,8 @@ def _load(root: Path) -> dict:
         raise FileNotFoundError(f"bench: {path} is missing; run every section first (diffsampler bench)")
     data = json.loads(path.read_text())
     return {
-        "command": data["command"],
+        # which command produced each section (older files name one command for all)
+        "provenance": data.get("provenance") or {s: data["command"] for s in SECTIONS},
         "accuracy": ([Result(**r) for r in data["accuracy"]],
                      [Failure(**f) for f in data.get("peer_failures", [])]),
         "distribution": [DistResult(**d) for d in data.get("distribution", [])],
@@ -97,7 +100,7 @@ def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
     root = Path(root)
     old = _load(root)
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
-    path = write_report(results, failures, dist, timings, root, old["command"], old["machine"], old["models"],
+    path = write_report(results, failures, dist, timings, root, old["provenance"], old["machine"], old["models"],
                         old["guidance"], old["versions"], adaptive_results=old["adaptive"])
     log(f"rewrote {path} from benchmarks/results.json")
     return path
