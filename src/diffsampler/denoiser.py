@@ -71,6 +71,10 @@ class Prediction:
             self._eps = _apply(self._maps[1], self.at, self.raw)
         return self._eps
 
+    def __repr__(self) -> str:
+        formed = [name for name, value in (("x0", self._x0), ("eps", self._eps)) if value is not None]
+        return f"Prediction(formed: {', '.join(formed) or 'none'}{', renoise' if self.renoise is not None else ''})"
+
     def linear_form(self, kind: str):
         """``(p, q)`` floats with ``estimate = p * self.at + q * self.raw`` for the estimate ``kind`` (``"x0"``
         or ``"eps"``) when it has not been computed yet, else ``None`` (use the tensor)."""
@@ -119,10 +123,6 @@ def _broadcast(c, x: torch.Tensor):
 
 
 _RAW = (0.0, 1.0)
-
-
-def _is_raw(pq) -> bool:
-    return type(pq[0]) is float and type(pq[1]) is float and pq[0] == 0.0 and pq[1] == 1.0
 
 
 def _apply(pq, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ CPU_WINDOW_BYTES = 512 * 1024
 def _check_every(x: torch.Tensor) -> int:
     if x.device.type != "cpu":
         return CHECK_EVERY
-    return max(2, min(CHECK_EVERY, CPU_WINDOW_BYTES // (x.numel() * x.element_size())))
+    return max(2, min(CHECK_EVERY, CPU_WINDOW_BYTES // max(1, x.numel() * x.element_size())))
 
 
 class NonFiniteError(FloatingPointError):

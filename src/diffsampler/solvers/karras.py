@@ -149,7 +149,8 @@ class Heun(_ChurnedSolver):
 
     def step(self, model, x, i, state, noise):
         st = state.steps[i]
-        x = self._churn(x, i, st, noise)
+        if st.churn_noise != 0.0:
+            x = self._churn(x, i, st, noise)
         pred = model(x, st.t_hat)
         x_euler = combine(x, st.euler[0], ((st.euler[1], pred),))
         if st.s_next == 0.0:

@@ -85,7 +85,7 @@ class MultistepState(NamedTuple):
     x_base: Optional[torch.Tensor]            # x_{i} before prediction, kept for the corrector
     z_base: Optional[torch.Tensor] = None     # the predictor's noise, kept for a corrector that reuses it
     # per step, for each weight of P (and of the previous step's K): whether that read of an estimate
-    # is its last (see last_reads); None: every read may be followed by another
+    # is its last (see last_reads; init computes them)
     last_P: Optional[tuple[tuple[bool, ...], ...]] = None
     last_K: Optional[tuple[tuple[bool, ...], ...]] = None
 
