@@ -147,3 +147,22 @@ def test_per_sample_times_give_the_scalar_answers():
             one = model(x[k:k + 1], t)
             torch.testing.assert_close(batch.x0[k:k + 1], one.x0, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(batch.eps[k:k + 1], one.eps, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ds.PREDICTIONS)
+def test_extrapolating_two_answers_mixes_their_outputs_exactly(prediction):
+    """Guidance's u + w (c - u): from two answers of one network type it mixes the raw outputs, and gives
+    what mixing the formed estimates gives; answers of different types fall back to the formed estimates."""
+    p = ds.VP.cosine()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=g)
+    a, b = (ds.testbeds.random_mixture(3, 3, seed=s) for s in (5, 6))
+    t = 0.45
+    for other in (prediction, "x0" if prediction != "x0" else "eps"):
+        u, c = a.denoiser(p, prediction)(x, t), b.denoiser(p, other)(x, t)
+        mixed = ds.Prediction.extrapolate(u, c, 4.5, x)
+        u, c = a.denoiser(p, prediction)(x, t), b.denoiser(p, other)(x, t)
+        torch.testing.assert_close(mixed.x0, u.x0 + 4.5 * (c.x0 - u.x0), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(mixed.eps, u.eps + 4.5 * (c.eps - u.eps), rtol=1e-10, atol=1e-10)
+    halves = a.denoiser(p, prediction)(torch.cat([x, 2 * x]), t).chunk(2)
+    torch.testing.assert_close(halves[1].x0, a.denoiser(p, prediction)(2 * x, t).x0, rtol=1e-12, atol=1e-12)

@@ -75,6 +75,31 @@ class Prediction:
         formed = [name for name, value in (("x0", self._x0), ("eps", self._eps)) if value is not None]
         return f"Prediction(formed: {', '.join(formed) or 'none'}{', renoise' if self.renoise is not None else ''})"
 
+    def chunk(self, n: int) -> list["Prediction"]:
+        """The answer split in ``n`` along the batch (the passes of one batched network call)."""
+        if self._maps is not None and _floats(self._maps):
+            return [Prediction.of_output(a, r, *self._maps) for a, r in zip(self.at.chunk(n), self.raw.chunk(n))]
+        return [Prediction(x0, eps) for x0, eps in zip(self.x0.chunk(n), self.eps.chunk(n))]
+
+    @staticmethod
+    def extrapolate(base: "Prediction", towards: "Prediction", w: float, x: torch.Tensor) -> "Prediction":
+        """``base + w (towards - base)`` in both forms, for two answers at the sample ``x`` and one time
+        (classifier-free guidance). The forms are linear in the network output, so two answers of one
+        network mix their outputs (one kernel) and stay unformed."""
+        maps = base._maps
+        if maps is not None and towards._maps is not None and _floats(maps) and _floats(towards._maps) \
+                and maps == towards._maps:
+            return Prediction.of_output(x, torch.lerp(base.raw, towards.raw, w), *maps)
+        return Prediction(base.x0 + w * (towards.x0 - base.x0), base.eps + w * (towards.eps - base.eps))
+
+    def with_renoise(self, renoise: torch.Tensor) -> "Prediction":
+        """This answer, its forms still unformed where they were, carrying ``renoise`` (CFG++)."""
+        other = Prediction.__new__(Prediction)
+        for name in Prediction.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.renoise = renoise
+        return other
+
     def linear_form(self, kind: str):
         """``(p, q)`` floats with ``estimate = p * self.at + q * self.raw`` for the estimate ``kind`` (``"x0"``
         or ``"eps"``) when it has not been computed yet, else ``None`` (use the tensor)."""
@@ -123,6 +148,10 @@ def _broadcast(c, x: torch.Tensor):
 
 
 _RAW = (0.0, 1.0)
+
+
+def _floats(maps) -> bool:
+    return all(type(v) is float for pq in maps for v in pq)
 
 
 def _apply(pq, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:

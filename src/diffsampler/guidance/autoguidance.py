@@ -47,6 +47,4 @@ class autoguidance(DenoiserTransform):  # noqa: N801 - used like a function
         good = self.model(x, t, **cond)
         if self.scale == 1.0:
             return good
-        bad = self.weak(x, t, **cond)
-        w = self.scale
-        return Prediction(bad.x0 + w * (good.x0 - bad.x0), bad.eps + w * (good.eps - bad.eps))
+        return Prediction.extrapolate(self.weak(x, t, **cond), good, self.scale, x)

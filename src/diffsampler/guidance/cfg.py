@@ -66,7 +66,7 @@ def batch_calls(model, x: torch.Tensor, t, conds: list[dict]) -> list[Prediction
     merged = {k: _stack([c[k] for c in conds]) for k in keys}
     tt = t.repeat(n) if isinstance(t, torch.Tensor) and t.ndim > 0 else t
     pred = model(torch.cat([x] * n, 0), tt, **merged)
-    return [Prediction(x0, eps) for x0, eps in zip(pred.x0.chunk(n), pred.eps.chunk(n))]
+    return pred.chunk(n)
 
 
 def _per_sample_std(v: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,12 @@ class cfg(DenoiserTransform):  # noqa: N801 - used like a function: cfg(model, s
             guided = Prediction(c.x0 + keep * (guided.x0 - c.x0), c.eps + keep * (guided.eps - c.eps))
         if self.plus_plus:
             renoise = u.eps if not isinstance(inside, torch.Tensor) else c.eps + keep * (u.eps - c.eps)
-            guided = Prediction(guided.x0, guided.eps, renoise)
+            guided = guided.with_renoise(renoise)
         return guided
 
     def combine(self, c: Prediction, u: Prediction, x: torch.Tensor, t) -> Prediction:
         """The guided prediction from the conditional and unconditional ones."""
-        w = self.scale
-        guided = Prediction(u.x0 + w * (c.x0 - u.x0), u.eps + w * (c.eps - u.eps))
+        guided = Prediction.extrapolate(u, c, self.scale, x)
         if self.rescale == 0.0:
             return guided
         if self.rescale_space == "x0":
