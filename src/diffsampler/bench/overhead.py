@@ -43,7 +43,7 @@ SHARED = {
     "dpm_2": (("KDPM2DiscreteScheduler", {}), "dpm_2"),
 }
 TWO_EVALS = ("heun", "dpm_2")
-# The floor: the same steps written by hand as plain PyTorch loops, every coefficient computed beforehand.
+# A reference: the same steps written the obvious way as plain PyTorch loops, coefficients computed beforehand.
 PLAIN = ("ddim", "dpmpp_2m")
 
 
@@ -146,7 +146,7 @@ def run_overhead(quick: bool = False, log: Callable[[str], None] = print) -> lis
     return out
 
 
-def _plain_loop(solver: str, eps_net, process, grid: torch.Tensor, x: torch.Tensor) -> Callable[[], None]:
+def _plain_loop(solver: str, eps_net, process, grid: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A hand-written loop of ``solver`` ("ddim" or "dpmpp_2m", data-prediction form) as one would write it in
     plain PyTorch: x0 from eps, then the step, in x; times and coefficients computed before the loop."""
     g = grid.to(torch.float64)
