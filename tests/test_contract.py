@@ -179,3 +179,11 @@ def test_a_new_method_is_a_weight_rule_over_the_engine():
     grid = ds.grids.logsnr(p, 9)
     model = GMM.denoiser(p, "eps")
     torch.testing.assert_close(ds.sample(model, x_T, grid, MyFirstOrder()), ds.sample(model, x_T, grid, "ddim"))
+
+    class TooMuchHistory(MyFirstOrder):
+        def plan(self, knots):
+            for i in range(len(knots)):
+                yield StepPlan(knots.t[i], 1.0, (0.5, 0.5))  # step 0 has no past estimate
+
+    with pytest.raises(ValueError, match="mine: step 0 weighs more past estimates than exist there"):
+        ds.sample(model, x_T, grid, TooMuchHistory())

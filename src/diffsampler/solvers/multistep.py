@@ -140,6 +140,10 @@ class LinearMultistep(Solver):
         # step i reads answers (m_i, m_{i-1}, ...)[:len(P)], its history being the previous step's answers
         # cut to `keep`; the corrector after step i reads that step's answers[:len(K) - 1]
         keep = max(max(len(p.P) - 1, len(p.K) - 1 if p.K else 0) for p in plans)
+        for i, p in enumerate(plans):
+            if len(p.P) > i + 1 or (p.K is not None and len(p.K) > i + 2):
+                raise ValueError(f"{self.name}: step {i} weighs more past estimates than exist there "
+                                 f"(P has {len(p.P)}, K {len(p.K) if p.K else 0}; at most {i + 1} and {i + 2})")
         return MultistepState(plans, keep, (), None, None, *last_reads(plans, self.evaluate_corrected))
 
     def step(self, model, x, i, state, noise):
@@ -149,9 +153,8 @@ class LinearMultistep(Solver):
             prev = state.plans[i - 1]
             if prev.K is not None:  # correct x_i with the model output just computed there
                 base = state.x_base
-                last = state.last_K[i]
-                terms = _reads(prev.K[:-1], state.history, last, base, prev.kind)
-                terms += _reads(prev.K[-1:], (pred,), last[-1:], base, prev.kind)
+                # K weighs the history, then (last) the answer just computed
+                terms = _reads(prev.K, (*state.history[:len(prev.K) - 1], pred), state.last_K[i], base, prev.kind)
                 if prev.C != 0.0:  # the predictor's own noise
                     terms.append((prev.C, state.z_base))
                 x = combine(base, prev.A, terms, prev.kind)
