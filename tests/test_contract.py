@@ -187,3 +187,32 @@ def test_a_new_method_is_a_weight_rule_over_the_engine():
 
     with pytest.raises(ValueError, match="mine: step 0 weighs more past estimates than exist there"):
         ds.sample(model, x_T, grid, TooMuchHistory())
+
+
+@pytest.mark.parametrize("solver, kernels", [("ddim", lambda n: 2 * n), ("euler", lambda n: 2 * n),
+                                             ("dpmpp_2m", lambda n: 4 * n - 4)])
+def test_a_step_is_the_few_kernels_the_benchmark_report_claims(solver, kernels):
+    """Sample-sized kernels besides the network's own, counted at the dispatcher: DDIM and Euler move x by
+    2 (the eps -> x0 conversion folded into the step), DPM-Solver++(2M) by 4 once it has history (2 on its
+    first step and on the first-order step into t = 0); the NaN look every few steps reads, it writes no sample."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SampleSized(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.count += isinstance(out, torch.Tensor) and out.numel() == self.numel
+            return out
+
+    p = ds.VP.scaled_linear()
+    x = p.prior((64, 3), generator=torch.Generator().manual_seed(0))
+    model = ds.Denoiser(lambda x, t: x * 0.5, p, "eps")  # one sample-sized kernel an evaluation
+    grid = ds.grids.get("uniform", p, 20)
+    ds.sample(model, x, grid, solver)  # the per-grid work is cached from here on
+    model.nfe = 0
+    with SampleSized(x.numel()) as counted:
+        ds.sample(model, x, grid, solver)
+    assert counted.count - model.nfe == kernels(20)
