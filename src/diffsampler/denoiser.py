@@ -106,6 +106,7 @@ class Prediction:
         if self._maps is None or (self._x0 if kind == "x0" else self._eps) is not None:
             return None
         pq = self._maps[0] if kind == "x0" else self._maps[1]
+        # (spelled out rather than _floats: this runs for every term of every step)
         return pq if type(pq[0]) is float and type(pq[1]) is float else None
 
     def score(self, process: Process, t: float) -> torch.Tensor:
@@ -151,6 +152,7 @@ _RAW = (0.0, 1.0)
 
 
 def _floats(maps) -> bool:
+    """Whether every ``(p, q)`` pair in ``maps`` is Python floats (one time for the batch), not tensors."""
     return all(type(v) is float for pq in maps for v in pq)
 
 
