@@ -9,7 +9,7 @@
 
 from . import grids, guidance, integrations, models, solvers, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
-from .loop import NonFiniteError, sample
+from .loop import NonFiniteError, Run, sample
 from .process import EDM, VP, Flow, Process, VPCosine, VPDiscrete, VPLinear
 
 __version__ = "0.1.0"
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Process", "VP", "VPDiscrete", "VPLinear", "VPCosine", "EDM", "Flow",
     "Denoiser", "Prediction", "PREDICTIONS",
-    "sample", "NonFiniteError",
+    "sample", "Run", "NonFiniteError",
     "grids", "guidance", "integrations", "models", "solvers", "testbeds",
 ]

@@ -10,10 +10,10 @@ import torch
 
 from . import grids as _grids
 from . import solvers as _solvers
-from .denoiser import Denoiser
+from .denoiser import Denoiser, Prediction
 from .noise import BrownianNoise, StepNoise, sample_keys
 
-__all__ = ["sample", "NonFiniteError"]
+__all__ = ["sample", "Run", "NonFiniteError", "take"]
 
 # Steps between looks for NaN and inf in the sample. A look is a reduction, and on accelerators a host
 # sync, so there they are rare. On CPU a sync costs nothing, but the samples kept between looks (to name
@@ -72,6 +72,227 @@ def _initial_state(solver, process, grid: tuple, shape: tuple, dtype, device):
         return _compute_initial_state(solver, process, grid, shape, dtype, device)
 
 
+def take(obj, indices: torch.Tensor, batch: int, memo: dict | None = None):
+    """``obj`` with every per-sample tensor in it reindexed along the batch: ``x[indices]``.
+
+    ``obj`` is a sample, a solver state, a :class:`~diffsampler.Prediction` or any nesting of
+    tuples (named ones too), lists and dicts of them. A tensor is per-sample when its first
+    dimension is the batch (``batch``): every solver keeps its per-sample tensors batch-first
+    (a contract test over the registry holds them to it); other tensors, numbers and objects are
+    shared and returned as they are. ``memo`` maps each source tensor to its reindexed copy, so
+    two references to one tensor (a Prediction's ``at`` and the sample it was evaluated at) stay
+    one tensor after reindexing, and solvers that recognise a tensor by identity (``combine``
+    folds an answer at the point being moved) take exactly the same kernels as before.
+    """
+    if memo is None:
+        memo = {}
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim == 0 or obj.shape[0] != batch:
+            return obj
+        hit = memo.get(id(obj))
+        if hit is None:
+            hit = memo[id(obj)] = (obj, obj.index_select(0, indices.to(obj.device)))
+        return hit[1]
+    if type(obj) is Prediction:
+        other = Prediction.__new__(Prediction)
+        for name in Prediction.__slots__:
+            setattr(other, name, take(getattr(obj, name), indices, batch, memo))
+        return other
+    if isinstance(obj, tuple):
+        items = [take(v, indices, batch, memo) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return type(obj)._make(items) if hasattr(type(obj), "_make") else tuple(items)
+    if isinstance(obj, list):
+        return [take(v, indices, batch, memo) for v in obj]
+    if isinstance(obj, dict):
+        return {k: take(v, indices, batch, memo) for k, v in obj.items()}
+    return obj
+
+
+class Run:
+    """One sampling run, advanced a step at a time: what :func:`sample` loops over, and what steering,
+    inversion and the diffusers adapter drive.
+
+    ``Run(model, x, grid, solver, generator=..., brownian=..., **cond)`` validates its inputs as
+    :func:`sample` does and sets up the solver's state and noise. Then:
+
+    * ``run.step()`` advances the sample over the next grid interval and returns it;
+      ``run.i`` is the index of the next step (``len(run)`` steps in all), ``run.t`` the
+      current time and ``run.x`` the current sample;
+    * ``run.prediction`` is the model's answer at the start of the last step (its first
+      evaluation in that step; ``None`` before the first step);
+    * ``run.evaluate()`` is the model's answer at ``(run.x, run.t)``. It is kept, and the next
+      step uses it in place of its own first evaluation when that is at the same point and
+      time (every solver without churn), so reading a data estimate between steps costs
+      no network evaluation;
+    * ``run.take(indices)`` reindexes the particles: the sample, the solver's state, the kept
+      answer and the noise keys move with their particle. A particle that receives several
+      copies keeps its key in the first copy and gives the others keys derived from its own
+      (:meth:`~diffsampler.noise.StepNoise.take`), so copies part ways under any stochastic
+      solver instead of staying identical;
+    * ``run.x = y`` replaces the sample (the kept answer is dropped).
+
+    ``run.sample_evaluations`` counts network evaluations times the batch they were made on
+    (a batched call on ``b`` samples counts ``b``): what a particle method spends in all.
+    """
+
+    def __init__(self, model: Denoiser, x: torch.Tensor, grid, solver, *,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 brownian: bool = False, **cond):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.ndim < 1 or x.shape[0] < 1:
+            raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+        process = getattr(model, "process", None)
+        if process is None or not callable(model):
+            raise TypeError(f"model must be a diffsampler Denoiser (callable with a .process), "
+                            f"got {type(model).__name__}")
+        self.model, self.cond = model, cond
+        self.solver = solver = _solvers.resolve(solver)
+        grid = _grids.validate(process, grid)
+        self.knots, self.state = _initial_state(solver, process, tuple(grid.tolist()), tuple(x.shape),
+                                                x.dtype, x.device)
+        self.noise = None
+        if solver.stochastic:
+            keys = sample_keys(x.shape[0], generator)
+            if brownian or solver.brownian:
+                top = float(process.ode_sigma(process.t_max))
+                self.noise = BrownianNoise(keys, x.shape, x.dtype, x.device, self.knots.s, 0.0, top)
+            else:
+                self.noise = StepNoise(keys, x.shape, x.dtype, x.device)
+        self._x = x
+        self.i = 0
+        self.prediction: Prediction | None = None
+        self.sample_evaluations = 0
+        self._kept: tuple | None = None   # run.evaluate()'s (x, t_i, answer)
+        self._takes = 0
+        # The network as solvers call it: bare (the fast path of sample()) until a driver asks for
+        # the step's answer or keeps one; then through _watched, which records and reuses answers.
+        self._plain = (lambda x_, t_: model(x_, t_, **cond)) if cond else model
+        self._fn = self._plain
+        # Non-finite values are looked for once every few steps, in the newest sample: NaN and inf
+        # persist through every later step, so a bad step shows there. The samples since the last
+        # look are kept (solvers never write into a sample they returned) to name the first bad step.
+        self._window: list[torch.Tensor] = []
+        self.check_every = _check_every(x)
+
+    def __len__(self) -> int:
+        return len(self.knots)
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.knots)
+
+    @property
+    def t(self) -> float:
+        """The process time of the current sample."""
+        return self.knots.t[self.i]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._x
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or value.shape != self._x.shape or value.dtype != self._x.dtype:
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"run.x: the new sample must keep the batch's shape and dtype "
+                             f"({tuple(self._x.shape)} {self._x.dtype}), got {got}")
+        self._x, self._kept = value, None
+
+    def watch(self) -> "Run":
+        """Record each step's first answer in ``run.prediction`` and count evaluations (drivers call this)."""
+        self._fn = self._watched
+        return self
+
+    def _call(self, x: torch.Tensor, t) -> Prediction:
+        before = self.model.nfe
+        pred = self._plain(x, t)
+        self.sample_evaluations += (self.model.nfe - before) * x.shape[0]
+        return pred
+
+    def _watched(self, x: torch.Tensor, t) -> Prediction:
+        kept = self._kept
+        if kept is not None:
+            self._kept = None
+            kept_x, kept_t, pred = kept
+            if not (kept_x is x and type(t) is float and t == kept_t):
+                pred = self._call(x, t)
+        else:
+            pred = self._call(x, t)
+        if self.prediction is None:
+            self.prediction = pred
+        return pred
+
+    def evaluate(self) -> Prediction:
+        """The model's answer at the current sample and time, kept for the next step to reuse."""
+        if self.done:
+            raise RuntimeError("run.evaluate(): the run is finished (no time left to evaluate at)")
+        if self._fn is not self._watched:
+            self.watch()
+        if self._kept is None or self._kept[0] is not self._x:
+            t = self.knots.t[self.i]
+            self._kept = (self._x, t, self._call(self._x, t))
+        pred = self._kept[2]
+        # a copy, so that forms the caller reads are not formed in the answer the solver folds
+        return pred.with_renoise(pred.renoise)
+
+    def step(self) -> torch.Tensor:
+        """Advance over grid interval ``run.i``; return the new sample."""
+        i = self.i
+        if i >= len(self.knots):
+            raise RuntimeError(f"run.step(): all {len(self.knots)} steps of the grid are done")
+        if self._fn is self._watched:
+            self.prediction = None
+        x, self.state = self.solver.step(self._fn, self._x, i, self.state, self.noise)
+        self._x, self.i = x, i + 1
+        window = self._window
+        window.append(x)
+        if len(window) >= self.check_every or self.i == len(self.knots):
+            if not _is_finite(x):
+                j = i - len(window) + 1 + _first_non_finite(window)
+                raise NonFiniteError(j, self.knots.t[j], self.knots.t[j + 1], self.solver.name)
+            window.clear()
+        return x
+
+    def take(self, indices) -> None:
+        """Reindex the particles: particle ``k`` becomes a copy of particle ``indices[k]``.
+
+        ``indices`` is a 1-D integer tensor (or sequence) of any length ``n``; the run then holds
+        ``n`` particles. Everything per particle moves with it (see the class docstring).
+        """
+        indices = torch.as_tensor(indices)
+        batch = self._x.shape[0]
+        if indices.ndim != 1 or indices.dtype not in (torch.int64, torch.int32) or len(indices) == 0:
+            raise ValueError(f"run.take: indices must be a non-empty 1-D integer tensor, got "
+                             f"{tuple(indices.shape)} {indices.dtype}")
+        if int(indices.min()) < 0 or int(indices.max()) >= batch:
+            raise ValueError(f"run.take: indices must lie in [0, {batch}), got values from "
+                             f"{int(indices.min())} to {int(indices.max())}")
+        indices = indices.to(torch.int64)
+        self._flush_window()
+        memo: dict = {}
+        self._x = take(self._x, indices, batch, memo)
+        self.state = take(self.state, indices, batch, memo)
+        if self._kept is not None:
+            self._kept = take(self._kept, indices, batch, memo)
+        if self.prediction is not None:
+            self.prediction = take(self.prediction, indices, batch, memo)
+        if self.noise is not None:
+            self._takes += 1
+            self.noise = self.noise.take(indices, self._takes)
+
+    def _flush_window(self) -> None:
+        """Look for NaN/inf in the samples kept since the last look (a reindexing reshapes the batch)."""
+        window = self._window
+        if window and not _is_finite(window[-1]):
+            j = self.i - len(window) + _first_non_finite(window)
+            raise NonFiniteError(j, self.knots.t[j], self.knots.t[j + 1], self.solver.name)
+        window.clear()
+
+
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = False,
@@ -104,53 +325,23 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         Show a progress bar.
     **cond:
         Conditioning keywords passed to the network at every evaluation.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
-    process = getattr(model, "process", None)
-    if process is None or not callable(model):
-        raise TypeError(f"model must be a diffsampler Denoiser (callable with a .process), "
-                        f"got {type(model).__name__}")
-    solver = _solvers.resolve(solver)
-    grid = _grids.validate(process, grid)
-    knots, state = _initial_state(solver, process, tuple(grid.tolist()), tuple(x.shape), x.dtype, x.device)
-    noise = None
-    if solver.stochastic:
-        keys = sample_keys(x.shape[0], generator)
-        if brownian or solver.brownian:
-            top = float(process.ode_sigma(process.t_max))
-            noise = BrownianNoise(keys, x.shape, x.dtype, x.device, knots.s, 0.0, top)
-        else:
-            noise = StepNoise(keys, x.shape, x.dtype, x.device)
-    fn = (lambda x_, t_: model(x_, t_, **cond)) if cond else model
 
-    steps = range(len(knots))
+    This is a loop over a :class:`Run`; drive a ``Run`` directly to act between steps.
+    """
+    run = Run(model, x, grid, solver, generator=generator, brownian=brownian, **cond)
+    knots = run.knots
+    if callback is not None:
+        run.check_every = 1  # with a callback every step is looked at before the callback sees it
     bar = None
     if progress:
         from rich.progress import Progress
         bar = Progress(transient=True)
         bar.start()
-        task = bar.add_task(f"{solver.name}", total=len(knots))
-    # Non-finite values are looked for once every few steps, in the newest sample: NaN and inf persist
-    # through every later step, so a bad step shows there. The samples since the last look are kept
-    # (solvers never write into a sample they returned) to name the first bad step exactly. With a
-    # callback, every step is looked at.
-    window: list[torch.Tensor] = []
-    check_every = 1 if callback is not None else _check_every(x)
-    last = len(knots) - 1
-    step = solver.step
+        task = bar.add_task(f"{run.solver.name}", total=len(knots))
+    step = run.step
     try:
-        for i in steps:
-            x, state = step(fn, x, i, state, noise)
-            window.append(x)
-            if len(window) == check_every or i == last:
-                if not _is_finite(x):
-                    j = i - len(window) + 1 + _first_non_finite(window)
-                    raise NonFiniteError(j, knots.t[j], knots.t[j + 1], solver.name)
-                window.clear()
+        for i in range(len(knots)):
+            x = step()
             if callback is not None:
                 callback({"i": i, "t": knots.t[i], "t_next": knots.t[i + 1], "x": x})
             if bar is not None:
@@ -158,4 +349,4 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
     finally:
         if bar is not None:
             bar.stop()
-    return x
+    return run.x

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["StepNoise", "sample_keys", "standard_normal"]
+__all__ = ["StepNoise", "BrownianNoise", "sample_keys", "standard_normal", "copy_numbers"]
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64 multipliers as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -78,6 +78,19 @@ def _draw(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, _KEY_LIMIT, (1,), generator=generator, device=device))
 
 
+def copy_numbers(indices: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``indices``, how many earlier entries hold the same value (0 for a first copy)."""
+    order = torch.argsort(indices, stable=True)
+    ordered = indices[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    position = torch.arange(len(indices))
+    run_start = torch.cummax(torch.where(first, position, torch.zeros_like(position)), 0).values
+    copy = torch.empty_like(position)
+    copy[order] = position - run_start
+    return copy
+
+
 def standard_normal(shape: Sequence[int], generator=None, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """``randn`` whose sample ``k`` does not depend on the batch size and is the same on every device."""
@@ -97,6 +110,7 @@ class StepNoise:
     def __init__(self, keys: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
                  device: torch.device | str):
         self.shape = tuple(shape)
+        self.keys = keys
         self.dtype, self.device = dtype, torch.device(device)
         self.per_sample = math.prod(self.shape[1:])
         pairs = (self.per_sample + 1) // 2
@@ -110,6 +124,26 @@ class StepNoise:
 
     def draw(self, step: int, stream: int = 0) -> torch.Tensor:
         return self._normal(step * 1_000_003 + stream + 1)
+
+    def with_keys(self, keys: torch.Tensor) -> "StepNoise":
+        """The same noise for the samples of ``keys`` (one per sample; the batch may change size)."""
+        return StepNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device)
+
+    def take(self, indices: torch.Tensor, event: int) -> "StepNoise":
+        """The noise of a reindexed batch (particle ``k`` becomes a copy of ``indices[k]``).
+
+        The first copy of a particle keeps its key, so a reindexing that copies every particle
+        once changes no draw; each further copy gets a key derived from its parent's key, its
+        copy number and ``event`` (a count of reindexings, so the copies made at different
+        reindexings of one parent differ too). Copies then draw independent noise from here on,
+        which steering needs: copies that drew the same noise would stay identical (the failure
+        FK steering's authors report for deterministic samplers, their issue #7).
+        """
+        indices = indices.to(torch.int64).cpu()
+        parents = self.keys.cpu()[indices]
+        copy = copy_numbers(indices)
+        derived = _mix(_mix(parents + _wrap(event * _M2)) + copy * _GOLDEN)
+        return self.with_keys(torch.where(copy == 0, parents, derived))
 
     def _normal(self, counter_id: int) -> torch.Tensor:
         """The standard normal tensor of one counter value (steps use ids below 2^40)."""
@@ -147,6 +181,11 @@ class BrownianNoise(StepNoise):
         # step, then the next step) share most of their path, and memory stays at 2 paths.
         self._current: dict[tuple[int, int], torch.Tensor] = {}
         self._previous: dict[tuple[int, int], torch.Tensor] = {}
+
+    def with_keys(self, keys: torch.Tensor) -> "BrownianNoise":
+        # The caches hold values of the old keys' paths: the new object starts without them.
+        return BrownianNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device, self.times,
+                             self.lo, self.hi, self.depth)
 
     def _z(self, level: int, index: int) -> torch.Tensor:
         key = (level, index)

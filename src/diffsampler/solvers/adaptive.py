@@ -43,7 +43,7 @@ _MAX_ATTEMPTS = 100_000
 class AdaptiveState(NamedTuple):
     knots: Knots
     h: Optional[torch.Tensor]          # per-sample step size in log-SNR (float64)
-    errs: Optional[torch.Tensor]       # per-sample controller history, shape (3, batch): inverse errors
+    errs: Optional[torch.Tensor]       # per-sample controller history, shape (batch, 3): inverse errors (batch first, as in every state)
     y_prev: Optional[torch.Tensor]     # the last accepted low-order result, in x / ode_scale
 
 
@@ -149,13 +149,13 @@ class DPMAdaptive(Solver):
                 from ..loop import NonFiniteError
                 raise NonFiniteError(i, kn.t[i], kn.t[i + 1], self.name)
             inverse = 1.0 / (error + 1e-8)
-            errs = inverse.expand(3, batch).clone() if errs is None else errs.clone()
-            errs[0] = torch.where(active, inverse, errs[0])
-            factor = errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3
+            errs = inverse[:, None].expand(batch, 3).clone() if errs is None else errs.clone()
+            errs[:, 0] = torch.where(active, inverse, errs[:, 0])
+            factor = errs[:, 0] ** b1 * errs[:, 1] ** b2 * errs[:, 2] ** b3
             factor = 1.0 + torch.atan(factor - 1.0)
             accept = active & (factor >= self.accept_safety)
-            errs[2] = torch.where(accept, errs[1], errs[2])
-            errs[1] = torch.where(accept, errs[0], errs[1])
+            errs[:, 2] = torch.where(accept, errs[:, 1], errs[:, 2])
+            errs[:, 1] = torch.where(accept, errs[:, 0], errs[:, 1])
             h = torch.where(active, h * factor, h)
             keep = accept.reshape(view)
             x = torch.where(keep, x_high, x)
