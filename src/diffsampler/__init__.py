@@ -7,7 +7,7 @@
     x0 = ds.sample(model, proc.prior((16, 4, 64, 64), generator=g), grid, "dpmpp_2m", generator=g)
 """
 
-from . import grids, guidance, integrations, models, solvers, testbeds
+from . import grids, guidance, integrations, models, solvers, steering, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
 from .loop import NonFiniteError, Run, sample
 from .process import EDM, VP, Flow, Process, VPCosine, VPDiscrete, VPLinear
@@ -18,5 +18,5 @@ __all__ = [
     "Process", "VP", "VPDiscrete", "VPLinear", "VPCosine", "EDM", "Flow",
     "Denoiser", "Prediction", "PREDICTIONS",
     "sample", "Run", "NonFiniteError",
-    "grids", "guidance", "integrations", "models", "solvers", "testbeds",
+    "grids", "guidance", "integrations", "models", "solvers", "steering", "testbeds",
 ]

@@ -170,7 +170,7 @@ class Run:
         self._takes = 0
         # The network as solvers call it: bare (the fast path of sample()) until a driver asks for
         # the step's answer or keeps one; then through _watched, which records and reuses answers.
-        self._plain = (lambda x_, t_: model(x_, t_, **cond)) if cond else model
+        self._plain = (lambda x_, t_: model(x_, t_, **self.cond)) if cond else model
         self._fn = self._plain
         # Non-finite values are looked for once every few steps, in the newest sample: NaN and inf
         # persist through every later step, so a bad step shows there. The samples since the last
@@ -276,6 +276,7 @@ class Run:
         memo: dict = {}
         self._x = take(self._x, indices, batch, memo)
         self.state = take(self.state, indices, batch, memo)
+        self.cond = take(self.cond, indices, batch, memo)  # per-sample conditioning follows its particle
         if self._kept is not None:
             self._kept = take(self._kept, indices, batch, memo)
         if self.prediction is not None:

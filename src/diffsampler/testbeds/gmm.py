@@ -160,6 +160,28 @@ class GaussianMixture:
         log_lik, _ = self._posterior(xf, a, s)
         return torch.logsumexp(self._log_prior(xf.shape[0], label) + log_lik, dim=-1)
 
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``p(component k | x0 = x)``, shape ``(batch, K)``; under this mixture its mean is ``weights``."""
+        xf = self._flat(x)
+        log_lik, _ = self._posterior(xf, 1.0, 0.0)
+        return torch.softmax(self.log_weights + log_lik, dim=-1)
+
+    def tilted(self, a, lam: float = 1.0) -> "GaussianMixture":
+        """The mixture reweighted by ``exp(lam a.x)`` (a linear reward), normalised: a mixture again.
+
+        ``N(mu, S) exp(lam a.x) = N(mu + lam S a, S) exp(lam a.mu + lam^2 a'S a / 2)``, so each
+        component's mean moves by ``lam S_k a`` and its weight is multiplied by the factor: the
+        closed-form target of reward steering (FK steering, SVDD, tree search).
+        """
+        a = torch.as_tensor(a, dtype=torch.float64).flatten()
+        if a.shape != (self.dim,):
+            raise ValueError(f"GaussianMixture.tilted: a must have {self.dim} entries, got {tuple(a.shape)}")
+        shift = lam * torch.einsum("kij,j->ki", self.covs, a)
+        log_factor = lam * self.means @ a + 0.5 * lam * lam * torch.einsum("i,kij,j->k", a, self.covs, a)
+        log_w = self.log_weights + log_factor
+        return GaussianMixture(self.means + shift, self.covs, torch.softmax(log_w, 0),
+                               labels=None if self.labels is None else self.labels.tolist())
+
     def class_posterior(self, x: torch.Tensor, process: Process, t) -> torch.Tensor:
         """Exact noisy classifier ``p(c | x_t)``, shape ``(batch, n_classes)``."""
         if self.labels is None:

@@ -1,0 +1,16 @@
+"""Inference-time steering toward a reward: particle methods over any stochastic solver.
+
+Each driver takes ``(model, x, grid, solver, reward)`` positionally, ``particles=`` (groups of that
+many consecutive samples of ``x`` are one population), ``generator=`` and conditioning keywords,
+and returns a :class:`SteeringResult`. Rewards are callables ``reward(x0, **cond) -> (batch,)`` on
+data estimates; :func:`latent_reward` decodes first.
+"""
+
+from .fk import POTENTIALS, best_of_n, fk, schedule_steps
+from .particles import Population, SteeringResult, latent_reward, stochastic_solvers
+from .resample import RESAMPLERS, ess, get_resampler, multinomial, resample_groups, residual, stratified, systematic
+from .svdd import svdd
+
+__all__ = ["best_of_n", "fk", "svdd", "SteeringResult", "latent_reward", "stochastic_solvers", "POTENTIALS",
+           "schedule_steps", "ess", "multinomial", "systematic", "stratified", "residual", "RESAMPLERS",
+           "get_resampler", "resample_groups", "Population"]
