@@ -24,7 +24,7 @@ def test_denoiser_is_tweedie_of_the_density():
 def test_per_sample_times_equal_scalar_times():
     gmm = ds.testbeds.ring8()
     p = ds.VP.linear()
-    x = torch.randn(5, 2, dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ts = torch.tensor([0.1, 0.2, 0.3, 0.6, 0.9], dtype=torch.float64)
     batched = gmm.x0(x, p, ts)
     single = torch.cat([gmm.x0(x[i:i + 1], p, float(ts[i])) for i in range(5)])
@@ -59,7 +59,7 @@ def test_exact_samples_match_the_moments():
 def test_class_posterior_is_bayes_rule():
     gmm = ds.testbeds.GaussianMixture([[0, 0], [2, 0], [0, 2]], [0.3, 0.2, 0.5], [1, 2, 3], labels=[0, 1, 1])
     p = ds.EDM()
-    x = torch.randn(7, 2, dtype=torch.float64)
+    x = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     post = gmm.class_posterior(x, p, 0.7)
     torch.testing.assert_close(post.sum(1), torch.ones(7, dtype=torch.float64))
     lp0 = gmm.log_prob(x, p, 0.7, label=0) + math.log(1 / 6)
@@ -83,7 +83,7 @@ def test_flow_map_of_a_point_mass():
     """Point-mass data: the flow keeps eps = (x - alpha mu) / sigma fixed."""
     p = ds.VP.scaled_linear()
     point = ds.testbeds.Gaussian([1.0, -2.0], torch.zeros(2, 2))
-    x = torch.randn(4, 2, dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     out = point.flow_map(p, x, 0.9, 0.2)
     eps = (x - float(p.alpha(0.9)) * point.means[0]) / float(p.sigma(0.9))
     torch.testing.assert_close(out, float(p.alpha(0.2)) * point.means[0] + float(p.sigma(0.2)) * eps)
