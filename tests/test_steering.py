@@ -200,3 +200,13 @@ def test_bad_input_gets_a_clear_error():
         _bad(ess_threshold=1.5)
     with pytest.raises(ValueError, match="candidates must be an integer >= 1"):
         _bad(method=ds.steering.svdd, candidates=0)
+
+
+@pytest.mark.parametrize("method", [ds.steering.fk, ds.steering.svdd, ds.steering.best_of_n])
+def test_drivers_build_no_autograd_graph_through_the_network(method):
+    net = torch.nn.Linear(2, 2).double()  # parameters require grad, as a user's network's do
+    model = ds.Denoiser(lambda x, t: net(x), PROCESS, "eps")
+    g = torch.Generator().manual_seed(0)
+    x_T = PROCESS.prior((4, 2), generator=g, dtype=torch.float64)
+    res = method(model, x_T, ds.grids.logsnr(PROCESS, 5), "ddpm", linear_reward, particles=2, generator=g)
+    assert not res.x.requires_grad and not res.best.requires_grad

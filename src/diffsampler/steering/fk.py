@@ -58,6 +58,7 @@ def schedule_steps(steps: int, every=None, window=None) -> list[int]:
     return sorted(set(range(window[0], window[1] + 1, every)) | {steps})
 
 
+@torch.no_grad()  # gradient-free: no graph through the network over the steps
 def fk(model, x: torch.Tensor, grid, solver, reward, *, particles: int, generator=None, lam: float = 10.0,
        potential: str = "diff", resample_every: int | None = None, resample_window=None,
        ess_threshold: float | None = None, resampler="multinomial", reward_min_value: float = 0.0,
@@ -169,6 +170,7 @@ def _resample(pop, resampler, log_w, threshold, particles):
     return torch.where(chosen, indices, keep), chosen
 
 
+@torch.no_grad()  # gradient-free: no graph through the network over the steps
 def best_of_n(model, x: torch.Tensor, grid, solver, reward, *, particles: int, generator=None,
               brownian: bool = False, **cond) -> SteeringResult:
     """Best-of-N: sample every particle unsteered and keep, per population, the one of highest reward.

@@ -28,6 +28,7 @@ from .particles import Population, SteeringResult, require_stochastic
 __all__ = ["svdd"]
 
 
+@torch.no_grad()  # gradient-free: no graph through the network over the steps
 def svdd(model, x: torch.Tensor, grid, solver, reward, *, particles: int = 1, candidates: int = 20,
          alpha: float = 0.0, generator=None, brownian: bool = False, **cond) -> SteeringResult:
     """SVDD-PM over any stochastic solver.
