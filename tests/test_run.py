@@ -122,3 +122,24 @@ def test_bad_indices_are_refused():
         run.step()
     with pytest.raises(RuntimeError, match="all 8 steps"):
         run.step()
+
+
+def test_the_callback_sees_the_data_estimate_and_may_replace_the_sample():
+    model, x_T, grid, _ = _setup(("ddim", {}))
+    seen = []
+
+    def callback(info):
+        seen.append(info["denoised"])
+        if info["i"] == 3:
+            return torch.zeros_like(info["x"])
+        return None
+
+    out = ds.sample(model, x_T, grid, "ddim", callback=callback)
+    torch.testing.assert_close(seen[0], model(x_T, float(grid[0])).x0, rtol=0, atol=0)
+    torch.testing.assert_close(out, ds.sample(model, torch.zeros_like(x_T), grid[4:], "ddim"), rtol=1e-13, atol=1e-13)
+
+
+def test_solver_options_given_to_sample_are_refused_not_sent_to_the_network():
+    model, x_T, grid, _ = _setup(("ddim", {}))
+    with pytest.raises(ValueError, match=r"eta is an option of solver 'ddim'.*ds.solvers.get\('ddim', eta=1.0\)"):
+        ds.sample(model, x_T, grid, "ddim", eta=1.0)

@@ -316,7 +316,13 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         so a sample does not depend on the batch it is drawn in. ``None`` uses
         torch's default generator.
     callback:
-        Called after each step with ``{"i", "t", "t_next", "x"}``.
+        Called after each step with ``{"i", "t", "t_next", "x", "denoised"}``: the step's index, its
+        times, the new sample and the data estimate the step started from (the model's first
+        answer in it, as k-diffusion's callbacks see it). A callback that returns a tensor replaces
+        the sample with it (inpainting by blending, as diffusers' ``callback_on_step_end``); one
+        that returns ``None`` changes nothing (solvers with a corrector, ``unipc`` and ``sa_solver``,
+        re-derive the sample from their state at the next step, so replace it only with one-step or
+        predictor-only solvers). To record a trajectory, append ``info["x"]``.
     brownian:
         Draw a stochastic solver's noise as increments of one Brownian path per
         sample (in the process's noise level ``ode_sigma``), so that runs with
@@ -329,10 +335,13 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
 
     This is a loop over a :class:`Run`; drive a ``Run`` directly to act between steps.
     """
+    if isinstance(solver, str) and cond:
+        _refuse_solver_options(solver, cond)
     run = Run(model, x, grid, solver, generator=generator, brownian=brownian, **cond)
     knots = run.knots
     if callback is not None:
         run.check_every = 1  # with a callback every step is looked at before the callback sees it
+        run.watch()
     bar = None
     if progress:
         from rich.progress import Progress
@@ -344,10 +353,28 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         for i in range(len(knots)):
             x = step()
             if callback is not None:
-                callback({"i": i, "t": knots.t[i], "t_next": knots.t[i + 1], "x": x})
+                pred = run.prediction
+                replaced = callback({"i": i, "t": knots.t[i], "t_next": knots.t[i + 1], "x": x,
+                                     "denoised": None if pred is None else pred.x0})
+                if replaced is not None:
+                    run.x = replaced
             if bar is not None:
                 bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()
     return run.x
+
+
+def _refuse_solver_options(name: str, cond: dict) -> None:
+    """Keywords of ``sample()`` go to the network; one that is an option of the named solver was meant for
+    the solver (``sample(..., "ddim", eta=1.0)``) and would be silently ignored by both."""
+    cls = _solvers.REGISTRY.get(name)
+    if cls is None:
+        return
+    clash = sorted(set(cond) & set(cls.options()))
+    if clash:
+        given = ", ".join(f"{k}={cond[k]!r}" for k in clash)
+        raise ValueError(f"sample(): {', '.join(clash)} is an option of solver {name!r}, but keywords of sample() "
+                         f"are conditioning passed to the network; set solver options on the solver: "
+                         f"sample(model, x, grid, ds.solvers.get({name!r}, {given}), ...)")
