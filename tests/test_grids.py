@@ -11,12 +11,8 @@ BUILDERS = ["uniform", "logsnr", "karras", "quadratic"]
 
 
 def _build(name, p, steps, **kw):
-    try:
-        return ds.grids.get(name, p, steps, **kw)
-    except ValueError as err:
-        # logsnr is undefined from t = 1 of a flow (lambda = -inf); that is reported, not guessed.
-        assert name == "logsnr" and "infinite" in str(err)
-        return None
+    # (logsnr from t = 1 of a flow, where lambda = -inf, spaces its knots from an inner bound)
+    return ds.grids.get(name, p, steps, **kw)
 
 
 @given(key=st.sampled_from(list(PROCESSES)), name=st.sampled_from(BUILDERS),
@@ -142,3 +138,34 @@ def test_dpm_fast_grid_groups_are_uniform_in_logsnr_and_cut_evenly(steps, groups
         assert lam[b] - lam[a] == pytest.approx(width, rel=1e-9)
         for j in range(a, b):
             assert lam[j + 1] - lam[j] == pytest.approx(width / k, rel=1e-9)
+
+
+def test_what_k_diffusion_and_numpy_users_pass_is_accepted():
+    """float32-rounded ends (k-diffusion's get_sigmas_karras(n, 0.002, 80) ends at 0.0019999996) are
+    clamped onto the process's range; numpy integers are step counts; beyond rounding is still refused."""
+    import numpy as np
+    e = ds.EDM()
+    g = ds.grids.validate(e, torch.tensor([80.0, 10.0, 0.0019999996, 0.0], dtype=torch.float32))
+    assert g[2].item() == e.t_min and g.dtype == torch.float64
+    with pytest.raises(ValueError, match="must lie in"):
+        ds.grids.validate(e, [80.0, 10.0, 0.00199, 0.0])
+    assert torch.equal(ds.grids.karras(e, np.int64(5)), ds.grids.karras(e, 5))
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        ds.grids.karras(e, 5.0)
+
+
+def test_logsnr_on_a_flow_starts_at_pure_noise_with_an_inner_bound():
+    f = ds.Flow()
+    g = ds.grids.logsnr(f, 8)
+    assert g[0].item() == f.t_max and g[-2].item() == f.t_min and g[-1].item() == 0.0
+    lam = f.lambda_(g[1:-1])
+    steps = lam[1:] - lam[:-1]
+    torch.testing.assert_close(steps, steps[0].expand_as(steps))  # uniform in log-SNR below the first knot
+    torch.testing.assert_close(lam[0], -f.lambda_(torch.tensor(f.t_min, dtype=torch.float64)) + steps[0])
+
+
+def test_a_meta_device_sample_gets_a_clear_error():
+    p = ds.VP.scaled_linear()
+    model = ds.testbeds.ring8().denoiser(p, "eps")
+    with pytest.raises(ValueError, match="'meta' device"):
+        ds.sample(model, torch.empty(2, 2, device="meta"), ds.grids.karras(p, 4), "euler")

@@ -10,6 +10,7 @@ mid-way (image-to-image, inversion) is slicing a grid: ``grid[k:]``.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -22,9 +23,14 @@ ENDS = ("zero", "min")
 
 
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    # numpy and torch integers too (operator.index accepts exactly the integer types)
+    try:
+        value = operator.index(steps) if not isinstance(steps, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    return steps
+    return value
 
 
 def _range(process: Process, t_max, t_min) -> tuple[float, float]:
@@ -69,10 +75,15 @@ def logsnr(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min
     """Uniform in the log signal-to-noise ratio ``lambda`` (DPM-Solver's ``logSNR`` skip type)."""
     def spacing(hi, lo, n):
         lam_hi, lam_lo = float(process.lambda_(hi)), float(process.lambda_(lo))
-        if not (math.isfinite(lam_hi) and math.isfinite(lam_lo)):
-            raise ValueError(f"logsnr: lambda is infinite at the ends of [{lo}, {hi}] for {process!r} "
-                             f"(alpha or sigma is 0 there); pass t_max/t_min strictly inside")
-        lam = torch.linspace(lam_hi, lam_lo, n, dtype=torch.float64)
+        if not math.isfinite(lam_lo):
+            raise ValueError(f"logsnr: lambda is infinite at t_min = {lo} for {process!r} (sigma is 0 there); "
+                             f"pass t_min strictly inside")
+        if math.isfinite(lam_hi):
+            return process.t_of_lambda(torch.linspace(lam_hi, lam_lo, n, dtype=torch.float64))
+        # alpha = 0 at t_max (a flow's pure noise): the knots are uniform in lambda from the mirror of
+        # the low end, -lambda(t_min), and the first of them is moved to t_max, so the grid still starts
+        # at the prior and its first step is the one from pure noise every log-SNR solver takes exactly
+        lam = torch.linspace(min(-lam_lo, lam_lo - 1.0), lam_lo, n, dtype=torch.float64)
         return process.t_of_lambda(lam)
     return _build(process, steps, end, t_max, t_min, spacing)
 
@@ -144,12 +155,26 @@ def validate(process: Process, grid) -> torch.Tensor:
                              f"grid[{k + 1}] = {times[k + 1]}")
     inner = times[:-1] if (process.reaches_data and times[-1] == 0.0) else times
     lo, hi = min(inner), max(inner)
-    tol = 1e-12 * max(1.0, abs(process.t_max))
-    if hi > process.t_max + tol or lo < process.t_min - tol:
+    # Times rounded to float32 at the ends (k-diffusion's get_sigmas_karras(n, 0.002, 80) gives
+    # 0.0019999996) are within a few float32 ulps of the end: accepted and clamped onto it.
+    below = process.t_min - _F32_ENDS * max(abs(process.t_min), 1e-30)
+    above = process.t_max + _F32_ENDS * max(abs(process.t_max), 1e-30)
+    if hi > above or lo < below:
         zero = " (or a final 0)" if process.reaches_data else ""
         raise ValueError(f"grid times must lie in [{process.t_min}, {process.t_max}]{zero} for {process!r}; "
                          f"got values from {lo} to {hi}")
+    if hi > process.t_max or lo < process.t_min:
+        clamped = [min(max(t, process.t_min), process.t_max) for t in inner] + times[len(inner):]
+        if any(clamped[k + 1] >= clamped[k] for k in range(len(clamped) - 1)):
+            raise ValueError(f"grid: times beyond the process's range [{process.t_min}, {process.t_max}] by float32 "
+                             f"rounding clamp onto its ends, and the clamped grid is not strictly decreasing: {times}")
+        g = torch.tensor(clamped, dtype=torch.float64)
     return g
+
+
+# Relative distance beyond the process's time range that a grid's end may have from float32 rounding
+# (4 ulps of float32).
+_F32_ENDS = 4 * 2.0 ** -23
 
 
 def dpm_fast(process: Process, steps: int, *, t_max=None, t_min=None) -> torch.Tensor:

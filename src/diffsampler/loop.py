@@ -145,6 +145,9 @@ class Run:
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.ndim < 1 or x.shape[0] < 1:
             raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+        if x.device.type == "meta":
+            raise ValueError("x is on the 'meta' device (a shape without data); sampling needs its values: "
+                             "create it on 'cpu' or an accelerator")
         process = getattr(model, "process", None)
         if process is None or not callable(model):
             raise TypeError(f"model must be a diffsampler Denoiser (callable with a .process), "
