@@ -143,3 +143,23 @@ def test_solver_options_given_to_sample_are_refused_not_sent_to_the_network():
     model, x_T, grid, _ = _setup(("ddim", {}))
     with pytest.raises(ValueError, match=r"eta is an option of solver 'ddim'.*ds.solvers.get\('ddim', eta=1.0\)"):
         ds.sample(model, x_T, grid, "ddim", eta=1.0)
+
+
+def test_sample_keeps_no_graph_unless_asked():
+    """A network with trainable parameters: no graph by default (memory would grow with the steps);
+    grad=True differentiates through the run (checked against a central difference)."""
+    p = ds.VP.scaled_linear()
+    net = torch.nn.Linear(2, 2).double()
+    model = ds.Denoiser(lambda x, t: net(x), p, "eps")
+    grid = ds.grids.karras(p, 5, end="min")
+    x_T = p.prior((3, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert not ds.sample(model, x_T, grid, "ddim").requires_grad
+    x = x_T.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ds.sample(model, x, grid, "ddim", grad=True).sum(), x)
+    e = torch.zeros_like(x_T)
+    e[1, 0] = 1e-6
+    with torch.no_grad():
+        fd = (ds.sample(model, x_T + e, grid, "ddim").sum() - ds.sample(model, x_T - e, grid, "ddim").sum()) / 2e-6
+    torch.testing.assert_close(g[1, 0], fd, rtol=1e-6, atol=1e-8)
+    with pytest.raises(TypeError, match="grad must be True or False"):
+        ds.sample(model, x_T, grid, "ddim", grad=1)

@@ -300,7 +300,7 @@ class Run:
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = False,
-           brownian: bool = False, **cond) -> torch.Tensor:
+           brownian: bool = False, grad: bool = False, **cond) -> torch.Tensor:
     """Integrate from ``x`` at ``grid[0]`` to ``grid[-1]`` with ``solver``; return the final sample.
 
     Parameters
@@ -333,13 +333,26 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         (``dpmpp_sde``) always get it.
     progress:
         Show a progress bar.
+    grad:
+        Record the autograd graph through the run (to differentiate the sample with respect to
+        ``x``, the conditioning or the network's parameters). Off by default: a network whose
+        parameters require grad would otherwise keep every step's activations alive, so memory
+        would grow with the steps, and the sample would carry a graph into the caller's code.
+        Guidance transforms that need gradients (classifier guidance) take them locally either way.
     **cond:
         Conditioning keywords passed to the network at every evaluation.
 
     This is a loop over a :class:`Run`; drive a ``Run`` directly to act between steps.
     """
+    if not isinstance(grad, bool):
+        raise TypeError(f"sample(): grad must be True or False, got {grad!r}")
     if isinstance(solver, str) and cond:
         _refuse_solver_options(solver, cond)
+    with torch.set_grad_enabled(grad):
+        return _loop(model, x, grid, solver, generator, callback, progress, brownian, cond)
+
+
+def _loop(model, x, grid, solver, generator, callback, progress, brownian, cond) -> torch.Tensor:
     run = Run(model, x, grid, solver, generator=generator, brownian=brownian, **cond)
     knots = run.knots
     if callback is not None:
