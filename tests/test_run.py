@@ -134,8 +134,11 @@ def test_the_callback_sees_the_data_estimate_and_may_replace_the_sample():
             return torch.zeros_like(info["x"])
         return None
 
-    out = ds.sample(model, x_T, grid, "ddim", callback=callback)
+    xs = []
+    out = ds.sample(model, x_T, grid, "ddim", callback=lambda info: (xs.append(info["x"]), callback(info))[1])
     torch.testing.assert_close(seen[0], model(x_T, float(grid[0])).x0, rtol=0, atol=0)
+    for i in (1, 2):  # each step's own estimate, at the sample the previous step returned
+        torch.testing.assert_close(seen[i], model(xs[i - 1], float(grid[i])).x0, rtol=0, atol=0)
     torch.testing.assert_close(out, ds.sample(model, torch.zeros_like(x_T), grid[4:], "ddim"), rtol=1e-13, atol=1e-13)
 
 

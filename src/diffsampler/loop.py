@@ -175,6 +175,7 @@ class Run:
         # the step's answer or keeps one; then through _watched, which records and reuses answers.
         self._plain = (lambda x_, t_: model(x_, t_, **self.cond)) if cond else model
         self._fn = self._plain
+        self._watching = False
         # Non-finite values are looked for once every few steps, in the newest sample: NaN and inf
         # persist through every later step, so a bad step shows there. The samples since the last
         # look are kept (solvers never write into a sample they returned) to name the first bad step.
@@ -207,7 +208,7 @@ class Run:
 
     def watch(self) -> "Run":
         """Record each step's first answer in ``run.prediction`` and count evaluations (drivers call this)."""
-        self._fn = self._watched
+        self._fn, self._watching = self._watched, True
         return self
 
     def _call(self, x: torch.Tensor, t) -> Prediction:
@@ -233,7 +234,7 @@ class Run:
         """The model's answer at the current sample and time, kept for the next step to reuse."""
         if self.done:
             raise RuntimeError("run.evaluate(): the run is finished (no time left to evaluate at)")
-        if self._fn is not self._watched:
+        if not self._watching:
             self.watch()
         if self._kept is None or self._kept[0] is not self._x:
             t = self.knots.t[self.i]
@@ -247,7 +248,7 @@ class Run:
         i = self.i
         if i >= len(self.knots):
             raise RuntimeError(f"run.step(): all {len(self.knots)} steps of the grid are done")
-        if self._fn is self._watched:
+        if self._watching:
             self.prediction = None
         x, self.state = self.solver.step(self._fn, self._x, i, self.state, self.noise)
         self._x, self.i = x, i + 1
