@@ -10,7 +10,7 @@ from typing import Callable
 
 __all__ = ["run", "rewrite", "SECTIONS"]
 
-SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models")
+SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models", "steering")
 
 
 def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
@@ -28,6 +28,7 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     from .models import run_guidance, run_models
     from .overhead import run_overhead
     from .report import write_report
+    from .steering import run_steering
 
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
@@ -48,6 +49,8 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     if "models" in sections:
         old["models"] = run_models(quick=quick, log=log)
         old["guidance"] = run_guidance(quick=quick, log=log)
+    if "steering" in sections:
+        old["steering"] = run_steering(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
     if partial:  # each section keeps the command that last produced it
         command += " --section " + " --section ".join(sections)
@@ -55,7 +58,8 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, no GPU"
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, Path(root), provenance, machine, old.get("models", []),
-                        old.get("guidance", []), adaptive_results=old.get("adaptive", []))
+                        old.get("guidance", []), adaptive_results=old.get("adaptive", []),
+                        steering_results=old.get("steering", []))
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -73,6 +77,7 @@ def _load(root: Path) -> dict:
     from .distribution import DistResult
     from .models import GuidanceResult, ModelResult
     from .overhead import Timing
+    from .steering import SteerResult
 
     path = root / "benchmarks" / "results.json"
     if not path.is_file():
@@ -88,6 +93,7 @@ def _load(root: Path) -> dict:
         "models": [ModelResult(**m) for m in data.get("models", [])],
         "guidance": [GuidanceResult(**m) for m in data.get("guidance", [])],
         "adaptive": [Result(**r) for r in data.get("adaptive", [])],
+        "steering": [SteerResult(**r) for r in data.get("steering", [])],
         "machine": data["machine"],
         "versions": data.get("versions"),
     }
@@ -101,6 +107,7 @@ def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
     old = _load(root)
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, root, old["provenance"], old["machine"], old["models"],
-                        old["guidance"], old["versions"], adaptive_results=old["adaptive"])
+                        old["guidance"], old["versions"], adaptive_results=old["adaptive"],
+                        steering_results=old["steering"])
     log(f"rewrote {path} from benchmarks/results.json")
     return path
