@@ -10,10 +10,11 @@ models toward a class and :func:`digits_accuracy` judges them with an independen
 from .fk import POTENTIALS, best_of_n, fk, schedule_steps
 from .particles import Population, SteeringResult, latent_reward, stochastic_solvers
 from .resample import RESAMPLERS, ess, get_resampler, multinomial, resample_groups, residual, stratified, systematic
+from .rbf import FlowSDE, Reinterpolated, rbf, vp_interpolant
 from .rewards import class_log_prob, digits_accuracy, digits_reward
 from .svdd import svdd
 
 __all__ = ["best_of_n", "fk", "svdd", "SteeringResult", "latent_reward", "stochastic_solvers", "POTENTIALS",
            "schedule_steps", "ess", "multinomial", "systematic", "stratified", "residual", "RESAMPLERS",
            "get_resampler", "resample_groups", "Population", "class_log_prob", "digits_reward",
-           "digits_accuracy"]
+           "digits_accuracy", "rbf", "FlowSDE", "vp_interpolant", "Reinterpolated"]
