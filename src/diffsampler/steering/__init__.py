@@ -13,8 +13,10 @@ from .resample import RESAMPLERS, ess, get_resampler, multinomial, resample_grou
 from .rbf import FlowSDE, Reinterpolated, rbf, vp_interpolant
 from .rewards import class_log_prob, digits_accuracy, digits_reward
 from .svdd import svdd
+from .tree import TreeSearchResult, tree_search, uct
 
 __all__ = ["best_of_n", "fk", "svdd", "SteeringResult", "latent_reward", "stochastic_solvers", "POTENTIALS",
            "schedule_steps", "ess", "multinomial", "systematic", "stratified", "residual", "RESAMPLERS",
            "get_resampler", "resample_groups", "Population", "class_log_prob", "digits_reward",
-           "digits_accuracy", "rbf", "FlowSDE", "vp_interpolant", "Reinterpolated"]
+           "digits_accuracy", "rbf", "FlowSDE", "vp_interpolant", "Reinterpolated",
+           "tree_search", "TreeSearchResult", "uct"]
