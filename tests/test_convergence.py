@@ -1,4 +1,10 @@
-"""Every deterministic solver, against exact answers: empirical convergence order and exactness."""
+"""Every deterministic solver, against exact answers: empirical convergence order and exactness.
+
+Orders are checked from both sides, each where it shows: the global order of a run from pure noise
+(``test_empirical_convergence_order``), or from moderate noise for the solvers whose warm-up caps it
+(``test_global_order_of_warm_up_capped_solvers``); the order of the steps from exact multistep history
+(``test_step_order``); and the cap of a flow's start at t = 1 (``test_flow_from_t1_on_uniform_grids``).
+"""
 
 import functools
 
@@ -58,20 +64,173 @@ def measured_order(key, testbed, solver_name):
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
 
 
-@pytest.mark.parametrize("solver_name", deterministic_solvers())
+def _warm_up_capped(name):
+    solver = ds.solvers.get(name)
+    return solver.global_order < solver.order
+
+
+# From t_max the warm-up steps of a capped solver sit in pure noise, where the estimates hardly change:
+# their lower order does not show at these step counts (dpmpp_3m measures 2.6 over 16-128 steps on VP
+# linear, lms 3.1, declared global order 2), on the mixture as on a single Gaussian (3.97 for dpmpp_3m).
+# So this test takes the solvers whose steps are as good as their run; the capped ones are measured from
+# moderate noise, where the cap shows, below.
+@pytest.mark.parametrize("solver_name", [n for n in deterministic_solvers() if not _warm_up_capped(n)])
 @pytest.mark.parametrize("testbed", ["mixture", "gaussian"])
 @pytest.mark.parametrize("key", list(PROCESSES))
 def test_empirical_convergence_order(key, testbed, solver_name):
     solver = ds.solvers.get(solver_name)
-    if solver.global_order != solver.order and testbed == "gaussian":
-        pytest.skip("warm-up-capped solvers converge at up to order 4 on a single Gaussian in this range "
-                    "(measured 3.97 for dpmpp_3m on VP linear) before settling at their global order; "
-                    "the mixture and the step-exactness test pin them down")
     order, errors = measured_order(key, testbed, solver_name)
-    # Within 0.3 of the declared order; a solver whose warm-up caps the run declares both
-    # the order of its steps and the (lower) global order, and must land between them.
-    lo, hi = solver.global_order - 0.3, solver.order + 0.3
-    assert lo < order < hi, f"measured order {order:.2f}, declared {solver.global_order}..{solver.order}; {errors}"
+    assert abs(order - solver.global_order) <= 0.3, \
+        f"measured order {order:.2f}, declared {solver.global_order}; {errors}"
+
+
+# -- Orders from moderate noise: the global order of capped runs, and the order of the steps ---------------
+#
+# The runs below start at alpha = sigma (lambda = 0), from a sample of the mixture's marginal there, on the
+# natural grid of the process (the convergence tests' flow: log-SNR from t = 0.99) from that time to t_min.
+# The probability-flow ODE from any point is well defined, and the reference is ode_reference from it.
+
+ORDER_STEPS = [64, 128, 256]
+# log-SNR, Karras, and a flow's log-SNR grid (the solvers work in lambda or sigma: the VP schedules differ
+# only in how t maps to them)
+ORDER_PROCESSES = ["vp_scaled_linear", "edm", "flow"]
+# Knots given their exact value before the measured part: more than any step reads (a fourth-order step
+# 3 past estimates, a corrector the point before the one it corrects).
+HISTORY = 7
+
+
+@functools.lru_cache(maxsize=None)
+def _moderate_noise(key):
+    """The process, the start time t_a (lambda = 0), 32 samples of the marginal there, and the exact path
+    from them (a dict time -> x, filled by _exact)."""
+    p = make_process(key)
+    t_a = float(p.t_of_lambda(torch.tensor(0.0, dtype=torch.float64)))
+    x_a = MIXTURE.sample_marginal(p, t_a, 32, generator=torch.Generator().manual_seed(7))
+    return p, t_a, x_a, {t_a: x_a}
+
+
+def _exact(key, times):
+    """The exact solution from the start sample at each of ``times``, each integrated (ode_reference)
+    from the nearest earlier time known."""
+    p, _, _, path = _moderate_noise(key)
+    for t in sorted(set(times) - set(path), reverse=True):
+        start = min(s for s in path if s > t)
+        path[t] = MIXTURE.ode_reference(p, path[start], start, t)
+    return [path[t] for t in times]
+
+
+def _order_grid(key, p, t_a, steps, spacing):
+    if spacing == "equal":  # uniform in the k-diffusion noise level s = ode_sigma
+        return ds.grids.karras(p, steps, rho=1.0, end="min", t_max=t_a)
+    return natural_grid(key, p, steps, end="min", t_max=t_a)
+
+
+def _slope(steps, errors):
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+
+
+@pytest.mark.parametrize("solver_name", [n for n in deterministic_solvers() if _warm_up_capped(n)])
+@pytest.mark.parametrize("key", ORDER_PROCESSES)
+def test_global_order_of_warm_up_capped_solvers(key, solver_name):
+    """From moderate noise the low-order warm-up (and, for fixed-weight methods, the uneven grid) caps
+    the run at its global order; within 0.3 of it, from both sides. (Over 16-128 steps PLMS and F-PNDM
+    still measure 2.1-2.5, local slopes falling from 2.6 to 2.0: their fourth-order part fades late, hence
+    ORDER_STEPS.)"""
+    solver = ds.solvers.get(solver_name)
+    p, t_a, x_a, _ = _moderate_noise(key)
+    model = MIXTURE.denoiser(p, natural_prediction(p))
+    grids = [natural_grid(key, p, n, end="min", t_max=t_a) for n in ORDER_STEPS]
+    (ref,) = _exact(key, [float(grids[0][-1])])
+    errors = [rms(ds.sample(model, x_a, g, solver), ref) for g in grids]
+    order = _slope(ORDER_STEPS, errors)
+    assert abs(order - solver.global_order) <= 0.3, (order, errors)
+
+
+# Methods whose weights are exact only on special grids, with the variable their steps are measured in:
+# fixed equal-step Adams-Bashforth weights (iPNDM in ode_sigma; PLMS and F-PNDM in sigma / alpha, the
+# variable of DDIM's transfer), fourth order on equal steps and second order on uneven ones; and iPNDM-v,
+# whose weights are consistent on equal and geometric steps only (see ipndm_v_weights).
+EQUAL_STEP_WEIGHTS = {"ipndm": "ode_sigma", "plms": "sigma/alpha", "pndm": "sigma/alpha"}
+GEOMETRIC_STEP_WEIGHTS = {"ipndm_v": "ode_sigma"}
+
+
+def _spacing_of(knots, variable):
+    """"equal", "geometric" or "uneven": the steps of ``knots`` in ``variable``."""
+    values = np.array(knots.s if variable == "ode_sigma" else [s / a for s, a in zip(knots.sigma, knots.alpha)])
+    d = np.diff(values)
+    if np.allclose(d, d[0], rtol=1e-9, atol=0.0):
+        return "equal"
+    return "geometric" if np.allclose(d[1:] / d[:-1], d[1] / d[0], rtol=1e-9, atol=0.0) else "uneven"
+
+
+def expected_step_order(name, solver, knots):
+    """The order of ``solver``'s steps on the grid of ``knots``; None where none is claimed."""
+    if name in EQUAL_STEP_WEIGHTS:
+        return solver.order if _spacing_of(knots, EQUAL_STEP_WEIGHTS[name]) == "equal" else 2
+    if name in GEOMETRIC_STEP_WEIGHTS:
+        return solver.order if _spacing_of(knots, GEOMETRIC_STEP_WEIGHTS[name]) != "uneven" else None
+    return solver.order
+
+
+def measured_step_order(key, solver, spacing="natural"):
+    """The order of ``solver``'s steps, from a run whose history is exact.
+
+    The run takes the solver's own steps on the whole grid from t_a, but the sample is replaced by its
+    exact value at the HISTORY knots up to knot n/8: every estimate the solver keeps from there is the
+    model's answer at an exact point, and the state carries nothing else, so warm-up no longer caps it.
+    From knot n/8 on the solver runs freely; its error at knot n/2 against the exact solution is the
+    global error over [t_{n/8}, t_{n/2}] (the same times for every n: the grids nest), local errors
+    O(h^(p+1)) of steps of order p summed over n/2 - n/8 steps: C h^p (a predictor-corrector's last point
+    is a prediction, of local error of that order too). The slope of log error against log n over
+    ORDER_STEPS is p. Ending inside the grid keeps out the rules for its end (lower-order final steps, the
+    step into t_min), which cap some runs but are not the steps' order.
+    """
+    p, t_a, x_a, _ = _moderate_noise(key)
+    model = MIXTURE.denoiser(p, natural_prediction(p))
+    # Singlestep groups of 2 or 3 intervals must start at knots n/8 and n/2: n a multiple of 48. LMS's
+    # next error term, of the other sign, keeps its slopes above 4 for long on the flow (local slopes 4.54,
+    # 4.32, 4.12 from 64 to 512 steps): it is measured on twice the steps.
+    singlestep, lms = isinstance(solver, ds.solvers.DPMSolverSinglestep), isinstance(solver, ds.solvers.LMS)
+    scale = 1.5 if singlestep else 2 if lms else 1
+    steps = [int(n * scale) for n in ORDER_STEPS]
+    errors = []
+    for n in steps:
+        g = _order_grid(key, p, t_a, n, spacing)
+        start, end = n // 8, n // 2
+        *history, target = _exact(key, g[start - HISTORY + 1:start + 1].tolist() + [float(g[end])])
+        run = ds.Run(model, x_a, g, solver)
+        while run.i < start - HISTORY + 1:
+            run.step()
+        for x in history:
+            run.x = x
+            run.step()
+        while run.i < end:
+            run.step()
+        errors.append(rms(run.x, target))
+    return _slope(steps, errors), errors
+
+
+STEP_ORDER_CASES = [(key, name, "natural") for key in ORDER_PROCESSES for name in deterministic_solvers()] + [
+    (key, name, "equal") for key in ORDER_PROCESSES for name in deterministic_solvers()
+    if name in EQUAL_STEP_WEIGHTS or name in GEOMETRIC_STEP_WEIGHTS]
+
+
+@pytest.mark.parametrize("key, solver_name, spacing", STEP_ORDER_CASES)
+def test_step_order(key, solver_name, spacing):
+    """Each solver's steps, from exact history (measured_step_order), converge at the order it declares,
+    within 0.3 from both sides: on the natural grid, and for the methods of special grids also on one
+    uniform in the noise level (Karras with rho = 1). For singlestep solvers the step order is the global
+    order; the test still checks it from exact points."""
+    solver = ds.solvers.get(solver_name)
+    p, t_a, _, _ = _moderate_noise(key)
+    expected = expected_step_order(solver_name, solver, ds.solvers.Knots.from_grid(
+        p, _order_grid(key, p, t_a, ORDER_STEPS[0], spacing)))
+    if expected is None:
+        # iPNDM-v's order-4 weights on EDM's Karras grid and the flow's log-SNR grid (uneven in ode_sigma = t):
+        # local slopes 3.0, 1.1, 1.7, 1.9 and 1.6, 1.8, 1.9, 1.9 over 32-512 steps, no order to check
+        pytest.skip(f"{solver_name} claims no step order on this grid (its weights are not consistent on it)")
+    order, errors = measured_step_order(key, solver, spacing)
+    assert abs(order - expected) <= 0.3, f"step order {order:.2f}, expected {expected}; {errors}"
 
 
 @pytest.mark.parametrize("legacy, exact", [(False, True), (True, False)])
@@ -101,18 +260,34 @@ def test_third_order_multistep_steps_are_third_order(kind, legacy, exact):
     assert (abs(got - want) < 1e-12) == exact
 
 
-@pytest.mark.parametrize("solver_name", deterministic_solvers())
-def test_flow_from_t1_on_uniform_grids(solver_name):
-    """From t = 1 on a grid uniform in t, every solver converges, at its order but at most second."""
+# The first steps from t = 1 have O(1) log-SNR lengths whatever the step count; their errors (of order
+# k^(1 - p) / n^2 for the k-th step of a p-th order log-SNR step) sum to O(1 / n^2), O(log n / n^2) for p = 2.
+# Over the whole range to t_min the third-order bulk error of the data end hides that cap up to ~256 steps
+# (dpmpp_3m 2.6, unipc 2.1-2.4 and rising): the test integrates over the first half, [1, 0.5], where it shows.
+FROM_T1_END = 0.5
+# PLMS's equal-step weights meet, near t = 1, steps in sigma / alpha = t / (1 - t) whose ratios are O(1):
+# local slopes 1.57, 1.61, 1.69, 1.74, 1.78 from 32 to 1024 steps, second order up to slowly fading logs.
+FROM_T1_SLACK = {"plms": 0.45}
+
+
+@functools.lru_cache(maxsize=None)
+def _from_t1():
     p = ds.Flow()
     x_T = p.prior((32, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return p, x_T, MIXTURE.ode_reference(p, x_T, 1.0, FROM_T1_END)
+
+
+@pytest.mark.parametrize("solver_name", deterministic_solvers())
+def test_flow_from_t1_on_uniform_grids(solver_name):
+    """From t = 1 on a grid uniform in t, every solver converges at its global order but at most second,
+    within 0.3 from both sides (the cap of log-SNR steps; t-integrators are capped by their warm-up)."""
+    p, x_T, ref = _from_t1()
     model = MIXTURE.denoiser(p, "velocity")
-    g = ds.grids.uniform(p, 8, end="min")
-    ref = MIXTURE.ode_reference(p, x_T, g[0], g[-1])
-    errors = [rms(ds.sample(model, x_T, ds.grids.uniform(p, n, end="min"), solver_name), ref) for n in STEPS]
-    slope = -np.polyfit(np.log(STEPS), np.log(errors), 1)[0]
+    errors = [rms(ds.sample(model, x_T, ds.grids.uniform(p, n, end="min", t_min=FROM_T1_END), solver_name), ref)
+              for n in STEPS]
+    slope = _slope(STEPS, errors)
     expected = min(ds.solvers.get(solver_name).global_order, 2)
-    assert slope > expected - 0.3, (slope, errors)
+    assert expected - FROM_T1_SLACK.get(solver_name, 0.3) <= slope <= expected + 0.3, (slope, errors)
 
 
 def _point_mass():

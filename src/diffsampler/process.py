@@ -362,7 +362,10 @@ class VPCosine(VP):
 
     def _log_alpha(self, t):
         _, m = _prepare(t)
-        return m.log(m.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha0
+        la = m.log(m.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha0
+        # log alpha <= 0; at t = 0 a vectorised log may differ from math.log by an ulp, and a positive
+        # log alpha there would make sigma and lambda NaN instead of 0 and inf
+        return la.clamp(max=0.0) if isinstance(la, torch.Tensor) else min(la, 0.0)
 
     def _d_log_alpha(self, t):
         _, m = _prepare(t)
