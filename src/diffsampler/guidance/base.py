@@ -39,7 +39,12 @@ class DenoiserTransform:
         self.model.nfe = value
 
     def __call__(self, x: torch.Tensor, t, **cond) -> Prediction:
-        return self.transform(self.model(x, t, **cond), x, t)
+        pred = self.model(x, t, **cond)
+        out = self.transform(pred, x, t)
+        if pred.renoise is not None and out.renoise is None:
+            # CFG++ underneath: the corrected data estimate is still re-noised with the unconditional noise
+            out = out.with_renoise(pred.renoise)
+        return out
 
     def transform(self, pred: Prediction, x: torch.Tensor, t) -> Prediction:
         raise NotImplementedError
