@@ -88,7 +88,7 @@ def test_steps_must_be_a_positive_integer(steps):
 
 
 def test_unknown_grid_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid grids: dpm_fast, karras, logsnr, quadratic, uniform"):
+    with pytest.raises(ValueError, match="valid grids: " + ", ".join(ds.grids.names()) + "$"):
         ds.grids.get("linear", ds.EDM(), 5)
 
 
@@ -169,3 +169,233 @@ def test_a_meta_device_sample_gets_a_clear_error():
     model = ds.testbeds.ring8().denoiser(p, "eps")
     with pytest.raises(ValueError, match="'meta' device"):
         ds.sample(model, torch.empty(2, 2, device="meta"), ds.grids.karras(p, 4), "euler")
+
+
+# -- the schedules of ComfyUI and k-diffusion --------------------------------------------------------
+# Each reference is a float64 transcription of ComfyUI's function (comfy/samplers.py; comfy/k_diffusion/
+# sampling.py; comfy_extras/nodes_align_your_steps.py) over ComfyUI's own table of a model's noise levels
+# (``model_sampling``), built from the process's definition, not from diffsampler's grid code; the
+# k-diffusion functions are the installed package's own. Our grids' noise levels ode_sigma(t) agree
+# with theirs to float64 round-off (measured at most 3.3e-13 relative).
+
+import math as _math
+
+import numpy as _np
+
+from diffsampler.process import EDM as _EDM, VPDiscrete as _VPDiscrete
+
+COMFY_PROCESSES = {"vp": ds.VP.scaled_linear, "vp_linear": ds.VP.linear_discrete, "edm": ds.EDM, "flow": ds.Flow}
+
+
+class _ComfySampling:
+    """ComfyUI's model_sampling of a model of the process's kind (ModelSamplingDiscrete, ModelSamplingContinuousEDM,
+    ModelSamplingDiscreteFlow with shift 1), in float64."""
+
+    def __init__(self, p):
+        if isinstance(p, _VPDiscrete):
+            self.kind, ac = "discrete", p.alphas_cumprod
+            self.sigmas = ((1 - ac) / ac) ** 0.5
+        elif isinstance(p, _EDM):
+            self.kind = "edm"
+            self.sigmas = torch.linspace(_math.log(p.t_min), _math.log(p.t_max), 1000, dtype=torch.float64).exp()
+        else:
+            self.kind = "flow"
+            self.sigmas = torch.arange(1, 1001, dtype=torch.float64) / 1000
+        self.log_sigmas = self.sigmas.log()
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def timestep(self, sigma):
+        if self.kind == "discrete":
+            return (sigma.log() - self.log_sigmas).abs().argmin().to(torch.float64)
+        return 0.25 * sigma.log() if self.kind == "edm" else sigma * 1000
+
+    def sigma(self, ts):
+        if self.kind == "discrete":
+            t = ts.clamp(0, len(self.sigmas) - 1)
+            lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+            return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        return (ts / 0.25).exp() if self.kind == "edm" else ts / 1000
+
+
+def comfy_simple(ms, steps):
+    ss = len(ms.sigmas) / steps
+    return [float(ms.sigmas[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]
+
+
+def comfy_ddim(ms, steps):
+    sigs, x = [0.0], 1
+    ss = max(len(ms.sigmas) // steps, 1)
+    while x < len(ms.sigmas):
+        sigs.append(float(ms.sigmas[x]))
+        x += ss
+    return sigs[::-1]
+
+
+def comfy_normal(ms, steps, sgm=False):
+    start, end = ms.timestep(ms.sigma_max), ms.timestep(ms.sigma_min)
+    if sgm:
+        ts = torch.linspace(float(start), float(end), steps + 1, dtype=torch.float64)[:-1]
+    else:
+        ts = torch.linspace(float(start), float(end), steps, dtype=torch.float64)
+    return [float(ms.sigma(t)) for t in ts] + [0.0]
+
+
+def comfy_beta(ms, steps, alpha=0.6, beta=0.6):
+    import scipy.stats
+    total = len(ms.sigmas) - 1
+    ts = _np.rint(scipy.stats.beta.ppf(1 - _np.linspace(0, 1, steps, endpoint=False), alpha, beta) * total)
+    sigs, last = [], -1
+    for t in ts:
+        if t != last:
+            sigs.append(float(ms.sigmas[int(t)]))
+        last = t
+    return sigs + [0.0]
+
+
+def comfy_linear_quadratic(ms, steps, threshold_noise=0.025, linear_steps=None):
+    if steps == 1:
+        schedule = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        lin = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        diff = linear_steps - threshold_noise * steps
+        quad_steps = steps - linear_steps
+        qc = diff / (linear_steps * quad_steps ** 2)
+        lc = threshold_noise / linear_steps - 2 * diff / (quad_steps ** 2)
+        const = qc * linear_steps ** 2
+        schedule = [1.0 - x for x in lin + [qc * i ** 2 + lc * i + const for i in range(linear_steps, steps)] + [1.0]]
+    return [v * float(ms.sigma_max) for v in schedule]
+
+
+def comfy_kl_optimal(n, sigma_min, sigma_max):
+    idx = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (idx * _math.atan(sigma_min) + (1 - idx) * _math.atan(sigma_max)).tan().tolist() + [0.0]
+
+
+def comfy_laplace(n, sigma_min, sigma_max, mu=0.0, beta=0.5):
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    lmb = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+    return torch.clamp(torch.exp(lmb), min=sigma_min, max=sigma_max).tolist()
+
+
+def comfy_ays(levels, steps):
+    sigmas = list(levels)
+    if steps + 1 != len(sigmas):
+        xs = _np.linspace(0, 1, len(sigmas))
+        ys = _np.log(sigmas[::-1])
+        sigmas = _np.exp(_np.interp(_np.linspace(0, 1, steps + 1), xs, ys))[::-1].copy()
+    sigmas = list(sigmas[-(steps + 1):])
+    sigmas[-1] = 0.0
+    return [float(v) for v in sigmas]
+
+
+def _levels_of(p, grid):
+    return [float(p.ode_sigma(float(t))) if float(t) > 0 else 0.0 for t in grid]
+
+
+def _assert_levels(p, grid, theirs, tol=1e-12):
+    ours = _levels_of(p, grid)
+    assert len(ours) == len(theirs), (ours, theirs)
+    for a, b in zip(ours, theirs):
+        assert abs(a - b) <= tol * max(abs(b), 1e-300), (ours, theirs)
+
+
+COMFY_TABLE_SCHEDULERS = {
+    "simple": comfy_simple, "ddim_uniform": comfy_ddim, "normal": comfy_normal,
+    "sgm_uniform": lambda ms, n: comfy_normal(ms, n, sgm=True), "beta": comfy_beta,
+    "linear_quadratic": comfy_linear_quadratic,
+}
+
+
+@pytest.mark.parametrize("steps", [2, 7, 10, 33])
+@pytest.mark.parametrize("name", list(COMFY_TABLE_SCHEDULERS))
+@pytest.mark.parametrize("key", list(COMFY_PROCESSES))
+def test_comfyui_schedulers_give_comfyuis_noise_levels(key, name, steps):
+    p = COMFY_PROCESSES[key]()
+    theirs = COMFY_TABLE_SCHEDULERS[name](_ComfySampling(p), steps)
+    _assert_levels(p, ds.grids.get(name, p, steps), theirs)
+
+
+@pytest.mark.parametrize("steps", [2, 7, 10, 33])
+@pytest.mark.parametrize("key", list(COMFY_PROCESSES))
+def test_kdiffusion_schedules_give_kdiffusions_noise_levels(key, steps):
+    """get_sigmas_exponential / polyexponential / karras of the installed k-diffusion (in float64), and
+    kl_optimal and laplace as ComfyUI writes them, from the process's sigma_min and sigma_max."""
+    peers = pytest.importorskip("diffsampler.bench.peers")
+    try:
+        ks = peers.kdiffusion_sampling()
+    except ImportError:  # pragma: no cover
+        pytest.skip("k-diffusion is not installed")
+    p = COMFY_PROCESSES[key]()
+    lo, hi = float(p.ode_sigma(p.t_min)), float(p.ode_sigma(p.t_max))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _assert_levels(p, ds.grids.exponential(p, steps), ks.get_sigmas_exponential(steps, lo, hi).tolist())
+        for rho in (0.5, 1.0, 2.5):
+            _assert_levels(p, ds.grids.polyexponential(p, steps, rho),
+                           ks.get_sigmas_polyexponential(steps, lo, hi, rho).tolist())
+        _assert_levels(p, ds.grids.karras(p, steps), ks.get_sigmas_karras(steps, lo, hi).tolist())
+    finally:
+        torch.set_default_dtype(default)
+    _assert_levels(p, ds.grids.kl_optimal(p, steps), comfy_kl_optimal(steps, lo, hi))
+    once = lambda v: [s for k, s in enumerate(v) if k == 0 or s != v[k - 1]]  # noqa: E731 (clamped levels kept once)
+    _assert_levels(p, ds.grids.laplace(p, steps, end="min"), once(comfy_laplace(steps + 1, lo, hi)))
+    _assert_levels(p, ds.grids.laplace(p, steps), once(comfy_laplace(steps, lo, hi)) + [0.0])
+
+
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_vp_schedule_is_kdiffusions_and_uniform_on_vp_linear(steps):
+    peers = pytest.importorskip("diffsampler.bench.peers")
+    try:
+        ks = peers.kdiffusion_sampling()
+    except ImportError:  # pragma: no cover
+        pytest.skip("k-diffusion is not installed")
+    p = ds.VP.linear()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        theirs = ks.get_sigmas_vp(steps).tolist()
+    finally:
+        torch.set_default_dtype(default)
+    _assert_levels(p, ds.grids.vp(p, steps), theirs, tol=1e-11)
+    torch.testing.assert_close(ds.grids.vp(p, steps), ds.grids.uniform(p, steps), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        ds.grids.vp(ds.VP.scaled_linear(), steps)  # sigma 152 at t = 1 is beyond Stable Diffusion's 14.6
+
+
+@pytest.mark.parametrize("steps", [4, 10, 11, 30])
+@pytest.mark.parametrize("model, process", [("SD1", ds.VP.scaled_linear), ("SDXL", ds.VP.scaled_linear),
+                                            ("SVD", lambda: ds.EDM(0.002, 700.0))])
+def test_ays_is_comfyuis_log_linear_interpolation_of_the_published_levels(model, process, steps):
+    p = process()
+    _assert_levels(p, ds.grids.ays(p, steps, model), comfy_ays(ds.grids.AYS_NOISE_LEVELS[model], steps), tol=1e-11)
+
+
+def test_comfyui_names_relate_to_ours_as_documented():
+    p = ds.VP.scaled_linear()
+    for n in (5, 10, 40):
+        # exponential is logsnr on VP and EDM; normal is uniform on flows, logsnr on EDM, and uniform
+        # on a discrete VP up to the interpolation of noise levels between training timesteps
+        for q in (p, ds.EDM()):
+            torch.testing.assert_close(ds.grids.exponential(q, n), ds.grids.logsnr(q, n), rtol=1e-12, atol=0)
+        torch.testing.assert_close(ds.grids.normal(ds.Flow(), n), ds.grids.uniform(ds.Flow(), n), rtol=1e-14, atol=0)
+        torch.testing.assert_close(ds.grids.normal(ds.EDM(), n), ds.grids.logsnr(ds.EDM(), n), rtol=1e-12, atol=0)
+        a, b = ds.grids.normal(p, n), ds.grids.uniform(p, n)
+        sa, sb = p.ode_sigma(a[:-1]), p.ode_sigma(b[:-1])
+        assert ((sa - sb).abs() / sb).max() < 4e-4
+    assert set(ds.grids.names()) >= {"simple", "sgm_uniform", "ddim_uniform", "beta", "kl_optimal", "linear_quadratic",
+                                     "exponential", "normal", "polyexponential", "vp", "laplace", "ays", "karras"}
+
+
+def test_comfyui_schedulers_reject_bad_options():
+    p = ds.VP.scaled_linear()
+    for call, match in ((lambda: ds.grids.ays(p, 10, "SD3"), "model must be one of"),
+                        (lambda: ds.grids.ays(ds.Flow(), 10), "outside"),
+                        (lambda: ds.grids.beta(p, 10, alpha=0), "alpha must be"),
+                        (lambda: ds.grids.polyexponential(p, 10, rho=-1), "rho must be"),
+                        (lambda: ds.grids.laplace(p, 10, beta=0), "beta must be"),
+                        (lambda: ds.grids.linear_quadratic(p, 10, linear_steps=10), "linear_steps must be"),
+                        (lambda: ds.grids.simple(p, 0), "steps must be")):
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -7,9 +7,10 @@
     x0 = ds.sample(model, proc.prior((16, 4, 64, 64), generator=g), grid, "dpmpp_2m", generator=g)
 """
 
-from . import grids, guidance, integrations, models, solvers, steering, testbeds
+from . import grids, guidance, integrations, k_diffusion, models, solvers, steering, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
 from .loop import NonFiniteError, Run, sample
+from .generate import generate, load_samples
 from .process import EDM, VP, Flow, Process, VPCosine, VPDiscrete, VPLinear
 
 __version__ = "0.1.0"
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Process", "VP", "VPDiscrete", "VPLinear", "VPCosine", "EDM", "Flow",
     "Denoiser", "Prediction", "PREDICTIONS",
-    "sample", "Run", "NonFiniteError",
-    "grids", "guidance", "integrations", "models", "solvers", "steering", "testbeds",
+    "sample", "Run", "NonFiniteError", "generate", "load_samples",
+    "grids", "guidance", "integrations", "k_diffusion", "models", "solvers", "steering", "testbeds",
 ]

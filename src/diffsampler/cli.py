@@ -1,4 +1,5 @@
-"""Command line: ``diffsampler solvers|sample|bench|train|models|demo`` (thin over the Python API)."""
+"""Command line: ``diffsampler solvers|sample|bench|train|models|demo|steer|generate|evaluate`` (thin over the
+Python API)."""
 
 from __future__ import annotations
 
@@ -36,26 +37,53 @@ def _choice(kind: str, value: str, valid) -> None:
 
 @app.command()
 def solvers() -> None:
-    """List every registered solver with its order, NFE per step and paper."""
+    """List every registered solver with its order, NFE per step and paper, then the aliases."""
     table = Table(title="diffsampler solvers")
     # the name is what users type: never cut, whatever the terminal's width (the other columns wrap)
     table.add_column("name", no_wrap=True, min_width=max(map(len, _solvers.names())))
     for col in ("order", "NFE/step", "stochastic", "options", "paper"):
         table.add_column(col)
     for name in _solvers.names():
-        cls = _solvers.REGISTRY[name]
-        s = cls()
-        order = f"{s.order}" + (f" (global {s.global_order})" if s.global_order != s.order else "")
-        nfe = str(cls.nfe_per_step) + (f" (+{cls.extra_nfe} once)" if cls.extra_nfe else "") + \
-            (" per attempt (adaptive)" if cls.adaptive else "")
-        table.add_row(name, order, nfe,
-                      "yes" if s.stochastic else "optional" if _stochastic_option(cls) else "no",
-                      ", ".join(cls.options()) or "-", cls.paper)
+        cells = solver_cells(name)
+        table.add_row(name, cells["order"], cells["nfe"], cells["stochastic"],
+                      ", ".join(_solvers.REGISTRY[name].options()) or "-", _solvers.REGISTRY[name].paper)
     console.print(table)
+    aliases = Table(title="aliases (ComfyUI's and k-diffusion's names)")
+    aliases.add_column("name", no_wrap=True, min_width=max(map(len, _solvers.ALIASES)))
+    aliases.add_column("is")
+    for name, text in alias_cells().items():
+        aliases.add_row(name, text)
+    console.print(aliases)
 
 
-def _stochastic_option(cls) -> bool:
-    return any(o in ("eta", "s_churn", "s_noise") for o in cls.options())
+def solver_cells(name: str) -> dict:
+    """The ``order``, ``nfe`` and ``stochastic`` cells of ``diffsampler solvers`` (and of the README's table)."""
+    cls = _solvers.REGISTRY[name]
+    s = cls()
+    order = "-" if not s.order else f"{s.order}" + (f" (global {s.global_order})" if s.global_order != s.order else "")
+    if s.stochastic and "eta" in cls.options():
+        calm = cls(eta=0.0)
+        if calm.order != s.order:
+            order += f" ({calm.order} with `eta = 0`)"
+    nfe = str(cls.nfe_per_step) + (f" (+{cls.extra_nfe} once)" if cls.extra_nfe else "") + \
+        (" per attempt (adaptive)" if cls.adaptive else "")
+    if s.stochastic:
+        stochastic = "yes"
+    else:
+        knobs = [o for o in ("eta", "s_churn") if o in cls.options() and cls(**{o: 1.0}).stochastic]
+        stochastic = " or ".join(f"with `{o} > 0`" for o in knobs) or "no"
+    return {"order": order, "nfe": nfe, "stochastic": stochastic}
+
+
+def alias_cells() -> dict:
+    """For each alias, what it is: the registered solver, its options and (for ``dpm_fast``) its grid."""
+    out = {}
+    for name, (target, options) in sorted(_solvers.ALIASES.items()):
+        text = target + (f"({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else "")
+        if name in _solvers.ALIAS_GRIDS:
+            text += f" on grids.{_solvers.ALIAS_GRIDS[name]}"
+        out[name] = text
+    return out
 
 
 @app.command()
@@ -68,16 +96,21 @@ def sample(
     n: int = typer.Option(2000, min=1, help="Number of samples."),
     seed: int = typer.Option(0, help="Seed of the generator for the prior and the solver's noise."),
     out: Path = typer.Option(Path("out"), help="Directory for the picture."),
+    option: list[str] = typer.Option(None, "--option", help="A solver option NAME=VALUE, repeatable "
+                                                           "(e.g. --option eta=1 --option solver_type=heun)."),
 ) -> None:
     """Sample a testbed with a solver, write a scatter over the exact density, report the error."""
     _choice("testbed", testbed, _testbeds.TESTBEDS)
     _choice("process", process, PROCESSES)
-    _choice("solver", solver, _solvers.REGISTRY)
+    _choice("solver", solver, {**_solvers.REGISTRY, **_solvers.ALIASES})
     _choice("grid", grid, _grids.GRIDS)
     gmm = _testbeds.get(testbed)
     proc = PROCESSES[process]()
     model = gmm.denoiser(proc, "velocity" if isinstance(proc, Flow) else "eps")
-    solver_obj = _solvers.get(solver)
+    try:
+        solver_obj = _solvers.get(solver, **parse_options(option))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     g = torch.Generator().manual_seed(seed)
     t_grid = _grids.get(grid, proc, steps)
     x_T = proc.prior((n, gmm.dim), generator=g, dtype=torch.float64)
@@ -107,6 +140,22 @@ def sample(
         console.print(f"  {name:<31} {value}")
 
 
+def parse_options(items) -> dict:
+    """``["eta=1", "solver_type=heun"]`` -> ``{"eta": 1, "solver_type": "heun"}``: values are Python literals
+    (numbers, booleans, tuples) where they parse as one, else strings."""
+    import ast
+    options = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise typer.BadParameter(f"--option expects NAME=VALUE (e.g. eta=1), got {item!r}")
+        try:
+            options[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[name.strip()] = value.strip()
+    return options
+
+
 def _scatter(gmm, x: torch.Tensor, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -131,16 +180,28 @@ def _scatter(gmm, x: torch.Tensor, path: Path, title: str) -> None:
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A reduced run (under 2 minutes)."),
-    out: Path = typer.Option(Path("."), help="Where BENCHMARKS.md and benchmarks/ are written."),
+    out: Path = typer.Option(None, help="Where BENCHMARKS.md and benchmarks/ are written (default: the current "
+                                        "directory; a new scratch folder with --quick)."),
     rewrite: bool = typer.Option(False, "--rewrite", help="Only regenerate the report from benchmarks/results.json."),
     section: list[str] = typer.Option(None, "--section", help="Re-run only these sections (accuracy, adaptive, "
-                                      "distribution, overhead, models); the others are read from "
+                                      "distribution, overhead, models, steering); the others are read from "
                                       "benchmarks/results.json."),
 ) -> None:
     """Accuracy per NFE and overhead per step against diffusers and k-diffusion; writes BENCHMARKS.md."""
     from . import bench as _bench
     for name in section or ():
         _choice("section", name, _bench.SECTIONS)
+    if out is None:
+        if quick and not rewrite:
+            import tempfile
+            out = Path(tempfile.mkdtemp(prefix="diffsampler-bench-quick-"))
+            console.print(f"bench --quick: writing into the scratch folder {out}")
+        else:
+            out = Path(".")
+    report = out / "BENCHMARKS.md"
+    if quick and not rewrite and report.exists() and "--quick" not in report.read_text().split("\n## ")[0]:
+        raise typer.BadParameter(f"{report} is a full benchmark report; --quick does not overwrite it (omit "
+                                 f"--out for a scratch folder, or pass another directory)")
     if rewrite:
         _bench.rewrite(out, log=console.print)
     else:
@@ -204,6 +265,118 @@ def _digit_grid(images: torch.Tensor, per_class: int, path: Path, title: str) ->
     plt.close(fig)
 
 
+STEER_METHODS = ("best_of_n", "fk", "svdd", "dts", "dts*")
+
+
+@app.command()
+def steer(
+    model: str = typer.Option("digits", help="A shipped digits model, sampled without a label: digits, "
+                                             "digits-flow, digits-weak."),
+    method: str = typer.Option("fk", help="Steering method: " + ", ".join(STEER_METHODS) + " (dts, dts*: "
+                                          "when ds.steering.tree_search is available)."),
+    target: int = typer.Option(3, min=0, max=9, help="The digit to steer toward."),
+    particles: int = typer.Option(4, min=1, help="Particles per population (best_of_n: N; svdd: particles "
+                                                 "steered side by side; dts: the root's children)."),
+    groups: int = typer.Option(2, min=1, help="Number of populations (each returns its best particle)."),
+    steps: int = typer.Option(20, min=1, help="Number of steps."),
+    solver: str = typer.Option("ddpm", help="A stochastic solver (its kernel moves the particles)."),
+    grid: str = typer.Option(None, help="Time grid: " + ", ".join(_grids.names()) + " (default: logsnr for VP "
+                                         "models, uniform for flows)."),
+    lam: float = typer.Option(10.0, help="Inverse temperature of the target p(x) exp(lam r(x)) (fk, dts)."),
+    potential: str = typer.Option("diff", help="FK potential: diff, max, add, immediate."),
+    candidates: int = typer.Option(4, min=1, help="SVDD: candidates drawn per particle and step."),
+    budget: int = typer.Option(None, min=1, help="DTS: nodes per tree (default: the method's own)."),
+    seed: int = typer.Option(0, help="Seed of the generator for the prior, the noise and the resampling."),
+    out: Path = typer.Option(Path("out"), help="Directory for the picture."),
+) -> None:
+    """Steer a digits model toward a class; judge each population's best with an independent classifier."""
+    from . import models as _models
+    from . import steering as _steering
+    from .bench.steering import nfe_per_group, steer as _steer, tree_search_or_none
+    from .models.quality import default_grid
+    _choice("model", model, ("digits", "digits-flow", "digits-weak"))
+    _choice("method", method, STEER_METHODS)
+    _choice("solver", solver, _solvers.REGISTRY)
+    _choice("potential", potential, _steering.POTENTIALS)
+    if method in ("dts", "dts*") and tree_search_or_none() is None:
+        raise typer.BadParameter(f"method {method!r} needs ds.steering.tree_search, which this version does not "
+                                 f"have; use best_of_n, fk or svdd")
+    if method != "best_of_n" and not _solvers.get(solver).stochastic:
+        raise typer.BadParameter(f"solver {solver!r} draws no noise and {method} needs a stochastic one: "
+                                 f"{', '.join(_steering.stochastic_solvers())}")
+    denoiser = _models.load(model)
+    process = denoiser.process
+    grid = grid or default_grid(process)
+    _choice("grid", grid, _grids.GRIDS)
+    reward = _steering.digits_reward(target)
+    g = torch.Generator().manual_seed(seed)
+    x = process.prior((groups * particles, 1, 8, 8), generator=g)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = _steer(method, denoiser, x, _grids.get(grid, process, steps), solver, reward, particles=particles,
+                        generator=g, lam=lam, potential=potential, candidates=candidates, budget=budget)
+    elapsed = time.perf_counter() - start
+    evaluator = _models.load("digits-evaluator")
+    best_acc = _steering.digits_accuracy(result.best, target, evaluator)
+    all_acc = _steering.digits_accuracy(result.x, target, evaluator)
+    nfe = nfe_per_group(result, groups)
+    best_rewards = result.rewards.reshape(groups, -1).max(1).values
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"steer_{model}_{method.replace('*', 'star')}_{target}_p{particles}_g{groups}.png"
+    _steer_grid(result, groups, reward, evaluator, target, path,
+                f"{method} on {model} toward {target}: {solver}, {steps} steps, {particles} particles, "
+                f"NFE {nfe:.0f} per population")
+    setting = {"fk": f", lam {lam:g}, potential {potential}", "svdd": f", {candidates} candidates",
+               "dts": f", lam {lam:g}", "dts*": f", lam {lam:g}"}.get(method, "")
+    console.print(f"[bold]{method}[/] on {model} toward {target}: {solver}, {grid} grid, {steps} steps")
+    console.print(f"  {groups} population(s) of {particles} particle(s){setting}")
+    n_best, n_all = round(best_acc * groups), round(all_acc * result.x.shape[0])
+    rows = [("reward of the best, mean", f"{best_rewards.mean().item():.4f} (log p({target}), classifier)"),
+            ("evaluator accuracy, best", f"{best_acc:.1%} ({n_best} of {groups})"),
+            ("evaluator accuracy, all", f"{all_acc:.1%} ({n_all} of {result.x.shape[0]} final particles)"),
+            ("NFE per population", f"{nfe:.0f} ({result.nfe:g} per final particle)"),
+            ("time", f"{elapsed:.2f} s"), ("picture", str(path))]
+    for name, value in rows:
+        console.print(f"  {name:<26} {value}")
+
+
+def _steer_grid(result, groups: int, reward, evaluator, target: int, path: Path, title: str) -> None:
+    """Each population in a row: its best particle first, then every final particle; each labelled with
+    its reward and the evaluator's class (green: the target)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = result.x.detach().float()
+    per = x.shape[0] // groups
+    with torch.no_grad():
+        predicted = evaluator(x).argmax(1).reshape(groups, per)
+    rewards = result.rewards.reshape(groups, per)
+    best = rewards.argmax(1)
+    pics = x.clamp(-1, 1).reshape(groups, per, 8, 8)
+    fig, axes = plt.subplots(groups, per + 1, figsize=(0.9 * (per + 1) + 0.4, 1.0 * groups + 0.7), dpi=100,
+                             squeeze=False)
+    for row in range(groups):
+        for col in range(per + 1):
+            ax = axes[row][col]
+            k = int(best[row]) if col == 0 else col - 1
+            ax.imshow(pics[row, k].numpy(), cmap="gray_r", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hit = int(predicted[row, k]) == target
+            ax.set_title(("best: " if col == 0 else "") + f"{int(predicted[row, k])} {float(rewards[row, k]):.2f}",
+                         fontsize=6, color="green" if hit else "red")
+            if col == 0:
+                for spine in ax.spines.values():
+                    spine.set_linewidth(2.5)
+                    spine.set_color("green" if hit else "red")
+        axes[row][0].set_ylabel(f"population {row}", fontsize=7)
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 @app.command()
 def train(
     names: list[str] = typer.Argument(..., help="Models to train, or 'all' (see `diffsampler models`)."),
@@ -238,17 +411,124 @@ def models() -> None:
     """List the shipped models with their process, prediction and measured quality."""
     from . import models as _models
     table = Table(title="diffsampler models")
-    for column in ("name", "kind", "process", "prediction", "parameters", "train s", "description"):
-        table.add_column(column)
+    # names and figures are what users read: names never cut, figures wrap between words only
+    table.add_column("name", no_wrap=True, min_width=max(map(len, _models.names())))
+    table.add_column("model")
+    table.add_column("measured quality", ratio=1)
     for name in _models.names():
         try:
             meta = _models.info(name)
         except FileNotFoundError:
-            table.add_row(name, "-", "-", "-", "-", "-", "(not trained: diffsampler train " + name + ")")
+            table.add_row(name, "-", "(not trained: diffsampler train " + name + ")")
             continue
-        table.add_row(name, meta["kind"], str(meta["process"]), str(meta["prediction"]), str(meta["parameters"]),
-                      str(meta["train_seconds"]), meta["description"])
+        prediction = "" if meta["prediction"] is None else f", {meta['prediction']}"
+        process = "" if meta["process"] is None else f": {meta['process']}{prediction}"
+        table.add_row(name, f"{meta['kind']}{process}, {meta['parameters']:,} parameters",
+                      quality_text(meta.get("quality") or {}))
     console.print(table)
+    console.print("Descriptions and training records: ds.models.info(name).")
+
+
+def quality_text(quality: dict) -> str:
+    """A model record's measured quality in a few words: accuracies in %, distances to 3 digits."""
+    parts = []
+    for key, value in quality.items():
+        if key == "measure_seconds":
+            continue
+        if isinstance(value, dict):  # dpmpp_2m_20nfe_cfg2: {"accuracy", "frechet_distance"}
+            head = key.replace("_20nfe_", " 20 NFE ").replace("cfg", "CFG ")
+            parts.append(f"{head}: " + ", ".join(_figure(k, v) for k, v in value.items()))
+        elif key not in ("n",):
+            parts.append(_figure(key, value))
+    return "; ".join(parts)
+
+
+def _figure(key: str, value) -> str:
+    names = {"accuracy": "accuracy", "frechet_distance": "FD", "swd_to_data": "SWD to data",
+             "swd_data_to_data": "data to data", "held_out_accuracy": "held-out accuracy"}
+    if key.startswith("held_out_accuracy_t"):
+        label = f"accuracy at t = {key.rsplit('_t', 1)[1]}"
+    else:
+        label = names.get(key, key.replace("_", " "))
+    if isinstance(value, float) and "accuracy" in key:
+        return f"{label} {value:.1%}"
+    if isinstance(value, float):
+        return f"{label} {value:.3g}"
+    return f"{label} {value}" if key != "sampler" else str(value)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="A shipped denoiser (see `diffsampler models`)."),
+    num_samples: int = typer.Option(..., min=1, help="Number of samples."),
+    batch: int = typer.Option(250, min=1, help="Samples per network call (the round-off depends on it)."),
+    shard_size: int = typer.Option(1000, min=1, help="Samples per shard file (the unit of work and of resume)."),
+    solver: str = typer.Option("dpmpp_2m", help="Solver name (see `diffsampler solvers`)."),
+    grid: str = typer.Option(None, help="Time grid: " + ", ".join(_grids.names()) + " (default: logsnr for VP "
+                                         "models, uniform for flows)."),
+    steps: int = typer.Option(20, min=1, help="Number of steps."),
+    cfg: float = typer.Option(1.0, help="Classifier-free guidance weight (1: the conditional model)."),
+    label: list[str] = typer.Option(None, help="Class of each sample, cycling (repeat the flag or use commas; "
+                                               "--label 3: all threes; 10: unconditional). Default: every "
+                                               "class in turn."),
+    seed: int = typer.Option(0, help="Sample i's start point and noise depend on (seed, i) only."),
+    out: Path = typer.Option(..., help="Output directory (an existing run there is resumed)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (under torchrun: gloo on CPU, NCCL on GPU)."),
+    threads: int = typer.Option(None, min=1, help="Torch threads per worker (default: torch's own; "
+                                                  "torchrun sets OMP_NUM_THREADS=1)."),
+    progress: bool = typer.Option(True, help="Show a progress bar on worker 0."),
+) -> None:
+    """Generate samples into shards, resumably; the same for any number of torchrun workers."""
+    import importlib
+    import os
+
+    from .models.quality import default_grid
+    gen = importlib.import_module("diffsampler.generate")  # the module (ds.generate is its function)
+    _choice("solver", solver, _solvers.REGISTRY)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        setup = gen.shipped(model, labels=gen.parse_labels(label), cfg=cfg, device=device)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    grid = grid or default_grid(setup["model"].process)
+    _choice("grid", grid, _grids.GRIDS)
+    try:
+        gen.generate(num_samples=num_samples, batch=batch, shard_size=shard_size, grid=grid, steps=steps,
+                     solver=solver, seed=seed, out=out, device=device, progress=progress, log=console.print,
+                     **setup)
+    except gen.GenerateError as err:
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(err, gen.WorkerLost):
+            Console(stderr=True).print(f"[bold red]generate:[/] {err}", highlight=False)
+        raise typer.Exit(2 if isinstance(err, gen.ConfigMismatch) else 1) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"[bold red]generate:[/] interrupted; the finished shards in {out} are kept: "
+                                   f"run the same command again to make the rest", highlight=False)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def evaluate(
+    directory: Path = typer.Argument(..., help="A directory written by `diffsampler generate`."),
+    model: str = typer.Option(None, help="The digits model sampled (default: the manifest's)."),
+) -> None:
+    """Judge generated digits: the evaluator's class accuracy and the Frechet distance to real digits."""
+    import importlib
+    gen = importlib.import_module("diffsampler.generate")
+    try:
+        result = gen.evaluate(directory, model)
+    except (FileNotFoundError, ValueError, gen.GenerateError) as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(f"[bold]{result['model']}[/]: {result['n']} samples in {directory}")
+    acc = result["accuracy"]
+    rows = [("class accuracy (evaluator)", "- (no labels)" if acc is None else f"{acc:.1%}"),
+            ("Frechet distance to real", f"{result['frechet_distance']:.2f}")]
+    ref = result.get("reference")
+    if ref is not None:
+        rows.append(("ds.models.info, this config", f"{ref['accuracy']:.1%}, Frechet distance "
+                                                      f"{ref['frechet_distance']:.2f} ({ref['key']})"))
+    for name, value in rows:
+        console.print(f"  {name:<31} {value}")
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ import torch
 
 from .process import Process
 
-__all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "shift", "validate", "get", "names", "GRIDS"]
+__all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "shift", "validate", "get", "names", "GRIDS",
+           "dpm_fast", "exponential", "polyexponential", "kl_optimal", "vp", "laplace", "normal", "sgm_uniform",
+           "simple", "ddim_uniform", "beta", "linear_quadratic", "ays", "AYS_NOISE_LEVELS"]
 
 ENDS = ("zero", "min")
 
@@ -205,12 +207,300 @@ def dpm_fast(process: Process, steps: int, *, t_max=None, t_min=None) -> torch.T
     return validate(process, knots)
 
 
+# -- the schedules of k-diffusion and ComfyUI ---------------------------------------------------------
+# k-diffusion's get_sigmas_* and ComfyUI's schedulers place noise levels ``s = ode_sigma(t)`` (EDM's sigma
+# for VP and EDM, t for flows); these builders place the same levels and map them to process times with
+# ``t_of_ode_sigma``, as ``karras`` does. The ones ComfyUI builds from a model's table of noise levels
+# (``model_sampling.sigmas``) read that table from the process (:func:`_levels`).
+
+def _sigma_spacing(process: Process, rule: Callable[[float, float, int], torch.Tensor]):
+    """A ``spacing`` for :func:`_build` that places noise levels ``rule(s_hi, s_lo, n)`` (decreasing)."""
+    def spacing(hi, lo, n):
+        s = rule(float(process.ode_sigma(hi)), float(process.ode_sigma(lo)), n).to(torch.float64)
+        return process.t_of_ode_sigma(s)
+    return spacing
+
+
+def exponential(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform in ``log ode_sigma`` (k-diffusion's ``get_sigmas_exponential``, ComfyUI's ``exponential``).
+
+    For VP and EDM, ``-log ode_sigma`` is the log-SNR: this is :func:`logsnr`. For a flow it is uniform in
+    ``log t`` (``ode_sigma = t``), which is what ComfyUI gives a flow model.
+    """
+    return polyexponential(process, steps, 1.0, end=end, t_max=t_max, t_min=t_min)
+
+
+def polyexponential(process: Process, steps: int, rho: float = 1.0, *, end: str = "zero", t_max=None,
+                    t_min=None) -> torch.Tensor:
+    """``log ode_sigma`` a polynomial of degree ``rho`` in the step fraction (k-diffusion's
+    ``get_sigmas_polyexponential``): ``log s = ramp^rho (log s_max - log s_min) + log s_min``, ``ramp`` from
+    1 to 0. ``rho = 1`` is :func:`exponential`; ``rho > 1`` spends more steps at low noise."""
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"polyexponential: rho must be a finite number > 0, got {rho!r}")
+
+    def rule(s_hi, s_lo, n):
+        ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+        return torch.exp(ramp * (math.log(s_hi) - math.log(s_lo)) + math.log(s_lo))
+    return _build(process, steps, end, t_max, t_min, _sigma_spacing(process, rule))
+
+
+def kl_optimal(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform in ``arctan(ode_sigma)`` (ComfyUI's ``kl_optimal``, from AUTOMATIC1111's PR 15608; the
+    KL-optimal schedule of Align Your Steps for Gaussian data, Sabour et al. 2024)."""
+    def rule(s_hi, s_lo, n):
+        f = torch.linspace(0, 1, n, dtype=torch.float64)
+        return torch.tan(f * math.atan(s_lo) + (1 - f) * math.atan(s_hi))
+    return _build(process, steps, end, t_max, t_min, _sigma_spacing(process, rule))
+
+
+def _finish(process: Process, name: str, sigmas, end: str) -> torch.Tensor:
+    """Times of decreasing noise levels ``sigmas`` (the ends snap onto the process's range), then 0 for
+    ``end="zero"``."""
+    if end not in ENDS:
+        raise ValueError(f"end must be one of {ENDS}, got {end!r}")
+    if end == "zero" and not process.reaches_data:
+        raise ValueError(f"end='zero': {process!r} cannot denoise to t = 0; use end='min'")
+    s_hi, s_lo = float(process.ode_sigma(process.t_max)), float(process.ode_sigma(process.t_min))
+    times = []
+    for s in (float(v) for v in sigmas):
+        if s == 0.0:
+            times.append(0.0)
+        elif abs(s - s_hi) <= 1e-12 * s_hi:
+            times.append(process.t_max)
+        elif abs(s - s_lo) <= 1e-12 * s_lo:
+            times.append(process.t_min)
+        elif s_lo < s < s_hi:
+            times.append(float(process.t_of_ode_sigma(s)))
+        else:
+            raise ValueError(f"{name}: noise level {s} is outside {process!r}'s range [{s_lo}, {s_hi}] "
+                             f"(ode_sigma from t_min to t_max)")
+    if end == "zero" and times[-1] != 0.0:
+        times.append(0.0)
+    return validate(process, times)
+
+
+def vp(process: Process, steps: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3, *,
+       end: str = "zero") -> torch.Tensor:
+    """The noise levels of continuous VP with a linear beta at ``t`` uniform from 1 to ``eps_s``
+    (k-diffusion's ``get_sigmas_vp``): ``s = sqrt(expm1(beta_d t^2 / 2 + beta_min t))``. On ``VP.linear()``
+    (``beta_d = beta_max - beta_min``) it is :func:`uniform`; on another process the levels must lie in its
+    range."""
+    steps = _check_steps(steps)
+    for name, v in (("beta_d", beta_d), ("beta_min", beta_min), ("eps_s", eps_s)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"vp: {name} must be a finite number > 0, got {v!r}")
+    if not eps_s < 1:
+        raise ValueError(f"vp: eps_s must be < 1, got {eps_s!r}")
+    u = torch.linspace(1, eps_s, steps if end == "zero" else steps + 1, dtype=torch.float64)
+    return _finish(process, "vp", torch.sqrt(torch.special.expm1(beta_d * u ** 2 / 2 + beta_min * u)), end)
+
+
+def laplace(process: Process, steps: int, mu: float = 0.0, beta: float = 0.5, *, end: str = "zero") -> torch.Tensor:
+    """Laplace schedule (Hang et al. 2024, "Improved Noise Schedule for Diffusion Training"; k-diffusion's
+    ``get_sigmas_laplace``): ``log s`` at the quantiles of a Laplace distribution of location ``mu`` and
+    scale ``beta``, clamped to the process's noise range. Levels the clamp makes equal are kept once, so
+    the grid may have fewer steps than asked. k-diffusion's own grid has no final 0: ``end="min"``.
+    """
+    steps = _check_steps(steps)
+    if not (isinstance(mu, (int, float)) and math.isfinite(mu)):
+        raise ValueError(f"laplace: mu must be a finite number, got {mu!r}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"laplace: beta must be a finite number > 0, got {beta!r}")
+    n = steps if end == "zero" else steps + 1
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    lam = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+    s_hi, s_lo = float(process.ode_sigma(process.t_max)), float(process.ode_sigma(process.t_min))
+    levels = torch.exp(lam).clamp(s_lo, s_hi).tolist()
+    levels = [v for k, v in enumerate(levels) if k == 0 or v != levels[k - 1]]
+    return _finish(process, "laplace", levels, end)
+
+
+def _levels(process: Process) -> list[float]:
+    """The process times of a model's table of noise levels, increasing (ComfyUI's ``model_sampling.sigmas``).
+
+    A discrete VP's training timesteps; EDM: 1000 levels uniform in ``log sigma`` (ComfyUI's
+    ``ModelSamplingContinuousEDM``); any other process (flows: ComfyUI's ``k / 1000``): 1000 times uniform
+    in ``t`` from ``t_min`` to ``t_max``.
+    """
+    from .process import EDM, VPDiscrete
+
+    if isinstance(process, VPDiscrete):
+        return [(k + 1) / process.num_train_timesteps for k in range(process.num_train_timesteps)]
+    if isinstance(process, EDM):
+        out = torch.linspace(math.log(process.t_min), math.log(process.t_max), 1000, dtype=torch.float64).exp()
+    else:
+        out = torch.linspace(process.t_min, process.t_max, 1000, dtype=torch.float64)
+    out = out.tolist()
+    out[0], out[-1] = process.t_min, process.t_max
+    return out
+
+
+def _timestep_times(process: Process, hi: float, lo: float, fractions) -> list[float]:
+    """Times at ``fractions`` (0 at ``hi``, 1 at ``lo``) of the way along the model's timestep axis (ComfyUI's
+    ``model_sampling.timestep``/``sigma``): a discrete VP's timestep index, its noise levels between training
+    timesteps interpolated in ``log sigma``; EDM's ``log sigma``; any other process's ``t``."""
+    from .process import EDM, VPDiscrete
+
+    out = []
+    if isinstance(process, VPDiscrete):
+        n = process.num_train_timesteps
+        u_hi, u_lo = n * hi - 1.0, n * lo - 1.0
+        for f in fractions:
+            u = u_hi + f * (u_lo - u_hi)
+            k, w = math.floor(u), u - math.floor(u)
+            if w < 1e-9 or w > 1 - 1e-9:  # on a training timestep
+                out.append((round(u) + 1) / n)
+                continue
+            log_s = (1 - w) * math.log(float(process.ode_sigma((k + 1) / n))) \
+                + w * math.log(float(process.ode_sigma((k + 2) / n)))
+            out.append(float(process.t_of_ode_sigma(math.exp(log_s))))
+    elif isinstance(process, EDM):
+        out = [math.exp(math.log(hi) + f * (math.log(lo) - math.log(hi))) for f in fractions]
+    else:
+        out = [hi + f * (lo - hi) for f in fractions]
+    return out
+
+
+def normal(process: Process, steps: int, *, end: str = "zero", t_max=None, t_min=None) -> torch.Tensor:
+    """Uniform along the model's timestep (ComfyUI's ``normal``, the default of its KSampler).
+
+    On flows (and continuous VP) this is :func:`uniform`; on EDM it is uniform in ``log sigma``
+    (:func:`exponential`); on a discrete VP the times are uniform too, with ComfyUI's noise levels between
+    training timesteps (log-linear in the timestep, where the process interpolates ``log alpha``: the two
+    differ by at most 4e-4 relative in sigma (1.4e-4 for Stable Diffusion's process), and agree on the training
+    timesteps).
+    """
+    return _build(process, steps, end, t_max, t_min, lambda hi, lo, n: torch.tensor(
+        _timestep_times(process, hi, lo, [k / (n - 1) for k in range(n)]), dtype=torch.float64))
+
+
+def sgm_uniform(process: Process, steps: int) -> torch.Tensor:
+    """``steps + 1`` times uniform along the model's timestep from ``t_max`` to ``t_min``, the last replaced
+    by 0 (ComfyUI's ``sgm_uniform``, Stability's "trailing" spacing): the final step starts one step above
+    ``t_min``."""
+    steps = _check_steps(steps)
+    times = _timestep_times(process, process.t_max, process.t_min, [k / steps for k in range(steps)])
+    return _finish_times(process, "sgm_uniform", times)
+
+
+def _finish_times(process: Process, name: str, times) -> torch.Tensor:
+    if not process.reaches_data:
+        raise ValueError(f"{name}: {process!r} cannot denoise to t = 0, which this schedule ends at")
+    return validate(process, list(times) + [0.0])
+
+
+def simple(process: Process, steps: int) -> torch.Tensor:
+    """Every ``len/steps``-th level of the model's table from the top (ComfyUI's ``simple``), then 0."""
+    steps = _check_steps(steps)
+    table = _levels(process)
+    stride = len(table) / steps
+    return _finish_times(process, "simple", [table[-(1 + int(k * stride))] for k in range(steps)])
+
+
+def ddim_uniform(process: Process, steps: int) -> torch.Tensor:
+    """Every ``len // steps``-th level of the model's table from its second one up, then 0 (ComfyUI's
+    ``ddim_uniform``, DDIM's "uniform" timesteps ``1, 1 + c, 1 + 2c, ...``). As in ComfyUI the grid starts
+    below ``t_max`` and may have a step more than asked when ``steps`` does not divide the table."""
+    steps = _check_steps(steps)
+    table = _levels(process)
+    stride = max(len(table) // steps, 1)
+    return _finish_times(process, "ddim_uniform", table[1::stride][::-1])
+
+
+def beta(process: Process, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """Levels of the model's table at the quantiles of a Beta(``alpha``, ``beta``) distribution (Lee et al.
+    2024, arXiv:2407.12173; ComfyUI's ``beta``), then 0. Quantiles that round to one table entry are kept
+    once, so the grid may have fewer steps than asked."""
+    import numpy as np
+    from scipy import stats
+
+    steps = _check_steps(steps)
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"beta: {name} must be a finite number > 0, got {v!r}")
+    table = _levels(process)
+    idx = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta) * (len(table) - 1))
+    idx = [int(k) for j, k in enumerate(idx) if j == 0 or k != idx[j - 1]]
+    return _finish_times(process, "beta", [table[k] for k in idx])
+
+
+def linear_quadratic(process: Process, steps: int, threshold_noise: float = 0.025,
+                     linear_steps: int | None = None) -> torch.Tensor:
+    """Mochi's linear-then-quadratic schedule (ComfyUI's ``linear_quadratic``), made for flows: the noise
+    fraction ``1 - s / s_max`` rises linearly to ``threshold_noise`` over ``linear_steps`` (default half the
+    steps), then quadratically to 1; ``s_max = ode_sigma(t_max)``."""
+    steps = _check_steps(steps)
+    if not (isinstance(threshold_noise, (int, float)) and 0 < threshold_noise < 1):
+        raise ValueError(f"linear_quadratic: threshold_noise must be in (0, 1), got {threshold_noise!r}")
+    if steps == 1:
+        fractions = [0.0, 1.0]
+    else:
+        lin = steps // 2 if linear_steps is None else operator.index(linear_steps)
+        if not 0 < lin < steps:
+            raise ValueError(f"linear_quadratic: linear_steps must be in [1, steps - 1], got {linear_steps!r}")
+        quad = steps - lin
+        excess = lin - threshold_noise * steps
+        a = excess / (lin * quad ** 2)
+        b = threshold_noise / lin - 2 * excess / quad ** 2
+        c = a * lin ** 2
+        fractions = [k * threshold_noise / lin for k in range(lin)] + [a * k * k + b * k + c for k in range(lin, steps)]
+        fractions.append(1.0)
+    s_max = float(process.ode_sigma(process.t_max))
+    return _finish(process, "linear_quadratic", [s_max * (1.0 - f) for f in fractions], "zero")
+
+
+#: The 10-step noise levels (EDM sigma) of Align Your Steps (Sabour et al. 2024, arXiv:2404.14507) for Stable
+#: Diffusion 1.5, SDXL and Stable Video Diffusion, as NVIDIA publishes them and ComfyUI ships them.
+AYS_NOISE_LEVELS = {
+    "SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+    "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+def ays(process: Process, steps: int, model: str = "SD1") -> torch.Tensor:
+    """Align Your Steps (Sabour et al. 2024): the published 10-step noise levels of ``model`` ("SD1", "SDXL"
+    for the Stable Diffusion VP process, "SVD" for ``EDM(0.002, 700)``), interpolated log-linearly to
+    ``steps`` (ComfyUI's ``AlignYourStepsScheduler``), the last level replaced by 0."""
+    steps = _check_steps(steps)
+    if model not in AYS_NOISE_LEVELS:
+        raise ValueError(f"ays: model must be one of {', '.join(AYS_NOISE_LEVELS)}, got {model!r}")
+    table = AYS_NOISE_LEVELS[model]
+    if steps + 1 == len(table):
+        levels = list(table)
+    else:
+        # log-linear interpolation over the table's positions, from the bottom up
+        logs = [math.log(v) for v in table[::-1]]
+        levels = []
+        for k in range(steps + 1):
+            u = k / steps * (len(table) - 1)
+            j = min(int(u), len(table) - 2)
+            levels.append(math.exp(logs[j] + (u - j) * (logs[j + 1] - logs[j])))
+        levels = levels[::-1]
+    levels[-1] = 0.0
+    return _finish(process, "ays", levels, "zero")
+
+
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "uniform": uniform,
     "logsnr": logsnr,
     "karras": karras,
     "quadratic": quadratic,
     "dpm_fast": dpm_fast,
+    "exponential": exponential,
+    "polyexponential": polyexponential,
+    "kl_optimal": kl_optimal,
+    "vp": vp,
+    "laplace": laplace,
+    "normal": normal,
+    "sgm_uniform": sgm_uniform,
+    "simple": simple,
+    "ddim_uniform": ddim_uniform,
+    "beta": beta,
+    "linear_quadratic": linear_quadratic,
+    "ays": ays,
 }
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["StepNoise", "BrownianNoise", "sample_keys", "standard_normal", "copy_numbers"]
+__all__ = ["StepNoise", "BrownianNoise", "sample_keys", "keys_for", "standard_normal", "copy_numbers"]
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64 multipliers as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -69,6 +69,23 @@ def sample_keys(batch: int, generator: torch.Generator | Sequence[torch.Generato
                         f"got {type(generator).__name__}")
     base = _draw(generator)
     return _mix(base + torch.arange(batch, dtype=torch.int64) * _GOLDEN)
+
+
+def keys_for(seed: int, indices, draw: int = 0) -> torch.Tensor:
+    """The keys of samples ``indices`` from ``seed`` alone, without drawing every sample before them.
+
+    Equal to ``sample_keys(n, g)[indices]`` for ``g = torch.Generator().manual_seed(seed)`` after
+    ``draw`` earlier draws from ``g``: ``draw=0`` are the keys ``process.prior(shape, generator=g)``
+    uses, ``draw=1`` those a stochastic solver then takes from the same ``g``. So a sample is a
+    function of ``(seed, index)`` only, whichever batch or worker makes it.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"keys_for: seed must be an integer, got {type(seed).__name__}")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(int(draw)):
+        _draw(g)
+    base = _draw(g)
+    return _mix(base + torch.as_tensor(indices, dtype=torch.int64).cpu() * _GOLDEN)
 
 
 def _draw(generator: torch.Generator | None) -> int:

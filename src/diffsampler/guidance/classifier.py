@@ -35,6 +35,12 @@ def _label_of(cond: dict, key: str, batch: int, who: str) -> torch.Tensor:
     return label
 
 
+_NO_GRADIENT = ("classifier_guidance: the classifier's output has no gradient path to x ({what}): it must "
+                "compute its logits from x with differentiable torch operations, not under torch.no_grad() or "
+                "inference_mode, from x.detach(), or through numpy; for a classifier without gradients use "
+                "ds.guidance.gradient_free_guidance")
+
+
 def time_tensor(t, x: torch.Tensor) -> torch.Tensor:
     """Process time as a tensor of shape ``(batch,)``: float64 for float64 samples, else float32
     (the classifiers' time input, as a Denoiser hands time to its network)."""
@@ -90,8 +96,12 @@ class classifier_guidance(DenoiserTransform):  # noqa: N801 - used like a functi
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             logits = self.classifier(xg, time_tensor(t, x))
+            if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+                raise ValueError(_NO_GRADIENT.format(what="its output does not require grad"))
             chosen = F.log_softmax(logits.to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=-1)
-            (grad,) = torch.autograd.grad(chosen.gather(1, label.to(x.device)[:, None]).sum(), xg)
+            (grad,) = torch.autograd.grad(chosen.gather(1, label.to(x.device)[:, None]).sum(), xg, allow_unused=True)
+            if grad is None:
+                raise ValueError(_NO_GRADIENT.format(what="its output does not depend on x through autograd"))
         if not bool(torch.isfinite(grad).all()):
             raise FloatingPointError(f"classifier_guidance: the classifier's gradient is not finite at t = {t}")
         return grad.to(x.dtype)

@@ -1,6 +1,8 @@
 """Solver registry: ``names()``, ``get(name, **options)`` and the solver classes.
 
-A new solver is its own module plus one line in ``REGISTRY``.
+A new solver is its own module plus one line in ``REGISTRY``. ``ALIASES`` maps the names other tools
+use for a registered algorithm (ComfyUI's, k-diffusion's) onto it with its options; ``get`` and
+``resolve`` accept them, ``names()`` lists only the registered solvers.
 """
 
 from __future__ import annotations
@@ -8,10 +10,11 @@ from __future__ import annotations
 from .base import Knots, Solver
 from .adaptive import DPMAdaptive
 from .ancestral import DPM2Ancestral, DPMpp2S, DPMpp2SAncestral
-from .cfgpp import DPMpp2MCFGpp, EulerAncestralCFGpp, EulerCFGpp
+from .cfgpp import (DPMpp2MCFGpp, DPMpp2SAncestralCFGpp, EulerAncestralCFGpp, EulerCFGpp, GradientEstimationCFGpp,
+                    RESMultistepAncestralCFGpp, RESMultistepCFGpp)
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
-from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep
+from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep, RESMultistepAncestral
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
 from .heunpp import HeunPP2
@@ -23,17 +26,21 @@ from .seeds import SEEDS2, SEEDS3
 from .singlestep import DPMppSinglestep, DPMSolverSinglestep
 from .unipc import UniPC
 
-__all__ = ["Knots", "Solver", "REGISTRY", "names", "get", "resolve", "Euler", "Heun", "DDIM", "EulerAncestral",
+__all__ = ["Knots", "Solver", "REGISTRY", "ALIASES", "ALIAS_GRIDS", "names", "get", "resolve", "canonical",
+           "Euler", "Heun", "DDIM", "EulerAncestral",
            "DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "UniPC", "DPM2", "DPM2Ancestral",
            "DPMpp2SAncestral", "LMS", "DDPM", "DPMppSDE", "DPMSolver", "DEIS", "LCM", "RESMultistep", "IPNDM",
            "IPNDMV", "DPMpp2S", "EulerCFGpp", "EulerAncestralCFGpp",
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
-           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp", "DPMAdaptive"]
+           "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp", "DPMAdaptive",
+           "DPMpp2SAncestralCFGpp", "RESMultistepAncestral", "RESMultistepCFGpp", "RESMultistepAncestralCFGpp",
+           "GradientEstimationCFGpp"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
     "euler": Euler,
     "gradient_estimation": GradientEstimation,
+    "gradient_estimation_cfg_pp": GradientEstimationCFGpp,
     "heun": Heun,
     "heunpp2": HeunPP2,
     "ddim": DDIM,
@@ -46,6 +53,7 @@ REGISTRY: dict[str, type[Solver]] = {
     "deis": DEIS,
     "dpmpp_2s": DPMpp2S,
     "dpmpp_2s_ancestral": DPMpp2SAncestral,
+    "dpmpp_2s_ancestral_cfg_pp": DPMpp2SAncestralCFGpp,
     "ipndm": IPNDM,
     "ipndm_v": IPNDMV,
     "lcm": LCM,
@@ -63,6 +71,9 @@ REGISTRY: dict[str, type[Solver]] = {
     "plms": PLMS,
     "pndm": PNDM,
     "res_multistep": RESMultistep,
+    "res_multistep_ancestral": RESMultistepAncestral,
+    "res_multistep_ancestral_cfg_pp": RESMultistepAncestralCFGpp,
+    "res_multistep_cfg_pp": RESMultistepCFGpp,
     "sa_solver": SASolver,
     "sa_solver_pece": SASolverPECE,
     "seeds_2": SEEDS2,
@@ -71,25 +82,55 @@ REGISTRY: dict[str, type[Solver]] = {
 }
 
 
+# Other tools' names for registered algorithms: name -> (registered name, options). ComfyUI's ``*_gpu``
+# samplers differ from the others only in where their Brownian tree lives; ``uni_pc`` is UniPC bh1 of
+# order 3 (ComfyUI's ``order = min(3, ...)``, lower order on the final steps).
+ALIASES: dict[str, tuple[str, dict]] = {
+    "uni_pc": ("unipc", {"solver_order": 3, "variant": "bh1"}),
+    "uni_pc_bh2": ("unipc", {"solver_order": 3, "variant": "bh2"}),
+    "dpmpp_sde_gpu": ("dpmpp_sde", {}),
+    "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {}),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", {}),
+    "dpm_fast": ("dpm_solver_singlestep", {"solver_order": 3, "solver_type": "paper"}),
+}
+
+# Aliases that name a grid as well: ``dpm_fast`` is DPM-Solver-3 singlestep on DPM-Solver's fast grid
+# (``grids.dpm_fast``; ComfyUI keeps only the first and last noise levels of its schedule and the count).
+ALIAS_GRIDS: dict[str, str] = {"dpm_fast": "dpm_fast"}
+
+
 def names() -> list[str]:
-    """Every registered solver name."""
+    """Every registered solver name (aliases are in ``ALIASES``)."""
     return sorted(REGISTRY)
 
 
+def canonical(name: str, **options) -> tuple[str, dict]:
+    """``(registered name, options)`` of a registered name or an alias, the caller's options over the alias's."""
+    if name in ALIASES:
+        target, preset = ALIASES[name]
+        return target, {**preset, **options}
+    return name, dict(options)
+
+
 def get(name: str, **options) -> Solver:
-    """The solver registered as ``name`` with ``options``; unknown names or options raise ValueError."""
-    if name not in REGISTRY:
+    """The solver registered as ``name`` (or aliased, see ``ALIASES``) with ``options``; unknown names or
+    options raise ValueError."""
+    if not isinstance(name, str) or (name not in REGISTRY and name not in ALIASES):
         raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(names())}")
-    cls = REGISTRY[name]
+    target, options = canonical(name, **options)
+    cls = REGISTRY[target]
     unknown = sorted(set(options) - set(cls.options()))
     if unknown:
         valid = ", ".join(cls.options()) or "none"
-        raise ValueError(f"solver {name!r} has no option(s) {', '.join(unknown)}; valid options: {valid}")
+        alias = "" if target == name else f" (alias of {target!r})"
+        raise ValueError(f"solver {name!r}{alias} has no option(s) {', '.join(unknown)}; valid options: {valid}")
     return cls(**options)
 
 
 def resolve(solver) -> Solver:
-    """A solver object from a registered name or a solver object."""
+    """A solver object from a registered name, an alias or a solver object."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str):

@@ -8,13 +8,15 @@ code); the SDE forms are SDE-DPM-Solver++ (same paper, section 5) generalised by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from .base import Knots
-from .expint import dpmpp_weights
+from .base import Knots, NoiseOptions
+from .expint import ancestral_split, data_move, dpmpp_weights
 from .multistep import LinearMultistep, StepPlan, step_orders
 
-__all__ = ["DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "RESMultistep"]
+__all__ = ["DPMpp2M", "DPMpp3M", "DPMpp2MSDE", "DPMpp3MSDE", "RESMultistep", "RESMultistepAncestral",
+           "res_ancestral_plans"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,56 @@ class RESMultistep(DPMpp2MSDE):
     name = "res_multistep"
     order = 2
     paper = "Zhang et al. 2023, arXiv:2308.02157"
+
+
+def res_ancestral_plans(knots: Knots, eta: float, s_noise: float = 1.0) -> list[StepPlan]:
+    """The steps of ComfyUI's ancestral RES multistep (``res_multistep`` with ``eta``), over data estimates.
+
+    Step ``i`` splits into a deterministic move to ``t_down`` and fresh noise
+    (:func:`.expint.ancestral_split`: k-diffusion's ``get_ancestral_step`` for VP and EDM). The move is
+    RES's second-order update in log-SNR, ``x_down = (sigma_down / sigma) x + alpha_down h (b1 m_i + b2
+    m_{i-1})`` with ``h = lambda_down - lambda_i``, ``b1 = phi_1 - phi_2 / c2``, ``b2 = phi_2 / c2`` (of
+    ``-h``) and ``c2 = -h_prev / h``, where ``h_prev`` is the length of the previous step's *deterministic
+    part* (ComfyUI's ``t_prev - t_old``), not the distance between the knots. The first step, and a move
+    into ``sigma_down = 0``, are first order. ``eta = 0`` is :class:`RESMultistep`.
+    """
+    plans, h_prev = [], None
+    for i in range(len(knots)):
+        t_down, keep, c = ancestral_split(knots, i, eta)
+        p = knots.process
+        a0, s0, lam0 = knots.alpha[i], knots.sigma[i], knots.lam[i]
+        a_d, s_d = float(p.alpha(t_down)), abs(float(p.sigma(t_down)))
+        lam_d = float(p.lambda_(t_down)) if s_d > 0 else math.inf
+        h = lam_d - lam0
+        c2 = -h_prev / h if h_prev is not None and s_d > 0 and math.isfinite(h) else 0.0
+        if c2 == 0.0 or not math.isfinite(c2):
+            A, B = data_move(a0, s0, a_d, s_d)
+            P = (B,)
+        else:
+            phi1 = -math.expm1(-h) / h
+            phi2 = (1.0 - phi1) / h
+            b2 = phi2 / c2
+            A, P = s_d / s0, (a_d * h * (phi1 - b2), a_d * h * b2)
+        plans.append(StepPlan(knots.t[i], keep * A, tuple(keep * w for w in P), c * s_noise))
+        h_prev = h if math.isfinite(h) else None
+    return plans
+
+
+@dataclass(frozen=True)
+class RESMultistepAncestral(NoiseOptions, LinearMultistep):
+    """Ancestral RES multistep (ComfyUI's ``res_multistep_ancestral``), see :func:`res_ancestral_plans`.
+
+    ``eta = 1`` (default) adds the noise of ancestral sampling at every step, ``s_noise`` scales it;
+    ``eta = 0`` is ``res_multistep``. Weak order 1 (order 2 for ``eta = 0``), 1 NFE per step.
+    """
+
+    name = "res_multistep_ancestral"
+    nfe_per_step = 1
+    paper = "Zhang et al. 2023, arXiv:2308.02157 (ComfyUI's ancestral form)"
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return 2 if self.eta == 0 else 1
+
+    def plan(self, knots: Knots):
+        return res_ancestral_plans(knots, self.eta, self.s_noise)
