@@ -47,7 +47,7 @@ import torch
 from . import solvers as _solvers
 from .denoiser import Denoiser
 from .grids import dpm_fast as _dpm_fast_grid
-from .loop import Run
+from .loop import Run, progress_bar
 from .process import EDM, Flow
 
 __all__ = ["MODEL_TYPES", "KDIFFUSION_DEFAULTS", "KDIFFUSION_OPTION_NAMES", "samplers", "sample_dpm_fast",
@@ -160,15 +160,9 @@ def _sample(name: str, model: Callable, x: torch.Tensor, sigmas, extra_args, cal
             run.noise = _SamplerNoise(noise_sampler, torch.as_tensor(sigmas).detach())
         if callback is not None:
             run.watch()
-        bar = None
-        if _show_progress(disable):
-            from rich.progress import Progress
-            bar = Progress(transient=True)
-            bar.start()
-            task = bar.add_task(f"sample_{name}", total=len(run))
         original = torch.as_tensor(sigmas).detach()
         churn = getattr(solver, "s_churn", 0.0) or 0.0
-        try:
+        with progress_bar(_show_progress(disable), f"sample_{name}", len(run)) as advance:
             for i in range(len(run)):
                 before = run.x
                 run.step()
@@ -181,11 +175,7 @@ def _sample(name: str, model: Callable, x: torch.Tensor, sigmas, extra_args, cal
                     pred = run.prediction
                     callback({"x": before, "i": i, "sigma": sigma, "sigma_hat": sigma_hat,
                               "denoised": None if pred is None else pred.x0})
-                if bar is not None:
-                    bar.advance(task)
-        finally:
-            if bar is not None:
-                bar.stop()
+                advance()
     return run.x
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Sequence
@@ -359,14 +360,8 @@ def _loop(model, x, grid, solver, generator, callback, progress, brownian, cond)
     if callback is not None:
         run.check_every = 1  # with a callback every step is looked at before the callback sees it
         run.watch()
-    bar = None
-    if progress:
-        from rich.progress import Progress
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task(f"{run.solver.name}", total=len(knots))
     step = run.step
-    try:
+    with progress_bar(progress, run.solver.name, len(knots)) as advance:
         for i in range(len(knots)):
             x = step()
             if callback is not None:
@@ -375,12 +370,28 @@ def _loop(model, x, grid, solver, generator, callback, progress, brownian, cond)
                                      "denoised": None if pred is None else pred.x0})
                 if replaced is not None:
                     run.x = replaced
-            if bar is not None:
-                bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
+            advance()
     return run.x
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, name: str, total: int):
+    """A transient rich progress bar over ``total`` steps; yields the function that advances it."""
+    if not enabled:
+        yield _nothing
+        return
+    from rich.progress import Progress
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task(name, total=total)
+    try:
+        yield lambda: bar.advance(task)
+    finally:
+        bar.stop()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _refuse_solver_options(name: str, cond: dict) -> None:
