@@ -24,13 +24,7 @@ BASE = GMM.denoiser(ds.EDM(0.002, 80.0), "eps")
 LABEL = torch.tensor([0, 1, 0, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared machine (the results are the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def D(x, sigma, label=None):

@@ -114,8 +114,13 @@ def _plot_overhead(timings: list[Timing], out: Path) -> str:
         ax.set_ylabel("sampler's own time per step (us)")
         ax.set_title(str(shape))
         ax.legend(fontsize=7)
+    return save_figure(fig, out, "overhead.png")
+
+
+def save_figure(fig, out, name: str) -> str:
+    """Lay out, write ``out / name`` and close ``fig``; return ``name`` (what the report links)."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    name = "overhead.png"
     fig.savefig(out / name)
     plt.close(fig)
     return name

@@ -31,6 +31,7 @@ import torch
 from .. import grids as _grids
 from .. import steering
 from ..process import VP
+from .report import save_figure
 
 __all__ = ["SteerResult", "run_steering", "steering_section", "plot_steering", "claims", "steer", "METHODS",
            "tree_search_or_none"]
@@ -459,8 +460,4 @@ def plot_steering(rows: list[SteerResult], out: Path) -> str:
         ax.set_ylabel(label)
         ax.set_title(problem)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = "steering.png"
-    fig.savefig(out / name)
-    plt.close(fig)
-    return name
+    return save_figure(fig, out, "steering.png")
