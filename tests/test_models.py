@@ -215,6 +215,11 @@ def test_readme_states_the_recorded_quality_of_every_shipped_model():
     _assert_states(rows[("digits-classifier",)][4], [v for t in (0.1, 0.5, 0.9)
                                                      for v in (100 * c[f"held_out_accuracy_t{t}"], t)],
                    "digits-classifier")
+    m = ds.models.info("digits-minority")
+    _assert_states(rows[("digits-minority",)][4], [m["quality"]["held_out_rank_correlation_t0.1"], 0.1,
+                                                  m["quality"]["held_out_rank_correlation_t0.5"], 0.5,
+                                                  m["quality"]["held_out_mean_score"],
+                                                  m["minority"]["train_mean_score"]], "digits-minority")
     features = ds.models.load("digits-evaluator").head.in_features
     _assert_states(rows[("digits-evaluator",)][4],
                    [100 * ds.models.info("digits-evaluator")["quality"]["held_out_accuracy"], features],
@@ -266,6 +271,11 @@ def test_recorded_classifier_accuracies_reproduce():
         with torch.no_grad():
             accuracy = (classifier(xt, torch.full((len(labels),), t)).argmax(1) == labels).double().mean().item()
         assert abs(accuracy - recorded[f"held_out_accuracy_t{t}"]) <= slack, t
+    # the minority classifier against the held-out digits' minority levels, as quality.minority_figures measures
+    minority = quality.minority_figures("digits-minority", ds.models.load("digits-minority"))
+    for key, value in ds.models.info("digits-minority")["quality"].items():
+        if key != "measure_seconds":  # rank correlations and a mean score: round-off moves them by far less
+            assert abs(minority[key] - value) <= 1e-3, (key, minority[key], value)
 
 
 @pytest.mark.parametrize("name", ["toy2d-moons", "toy2d-ring8", "toy2d-swissroll"])
@@ -343,6 +353,7 @@ SHORT_RUN_DIGESTS = {
         "digits-classifier": "32b26e8ea73493adae19ed5940d6c03b0a09cc4c56c9cdfc69455a780de0d582",
         "digits-evaluator": "feb879b40929fe18062998016a94ce173c91145a12affead5adcb257a2cd4ca2",
         "digits-flow": "2337cb9e147dbfaa85276887afd9c39f2847b4d0186c45ef746af95e0acf275d",
+        "digits-minority": "e62473523c540f265a5af44180be63b4c5c0eef6e9ddead5cf41b627d9d7d875",
         "digits-weak": "a2f329fcc48e689e028d12d50f57bce02c19ce6d24c8ad327c507175adaace55",
         "toy2d-moons": "bdd509c53494c537383df1cc1090262eb4a2b202b2ee0790ade449f25bef2ce9",
         "toy2d-ring8": "03481113ea4b24497bf350cf15e17bf64dbe10fc7c0087e15856bac131093166",
@@ -353,6 +364,7 @@ SHORT_RUN_DIGESTS = {
         "digits-classifier": "8831c7491c1b661b5a2d02a25886d10b9dc6ed95369f52822f79194f90019285",
         "digits-evaluator": "feb879b40929fe18062998016a94ce173c91145a12affead5adcb257a2cd4ca2",
         "digits-flow": "7cbce711a4f0f2e72cf97b0b2b2ecae70c48498ad77475a42f3244379d6b5853",
+        "digits-minority": "6c3a787f716458667d67eff79cd8c956a910c4f1db81446f9b1db66890b9415a",
         "digits-weak": "125f963a2b64eadea6605e78744cd010f478d4363c0dd0d29474de5c80dea7ca",
         "toy2d-moons": "bdd509c53494c537383df1cc1090262eb4a2b202b2ee0790ade449f25bef2ce9",
         "toy2d-ring8": "03481113ea4b24497bf350cf15e17bf64dbe10fc7c0087e15856bac131093166",

@@ -136,17 +136,20 @@ def test_best_of_n_picks_the_highest_reward_of_each_population():
     torch.testing.assert_close(torch.logsumexp(res.log_weights.reshape(3, 4), 1), torch.zeros(3, dtype=torch.float64))
 
 
-def test_a_population_does_not_depend_on_the_other_populations():
-    """Group 0 of a batch of 3 groups equals group 0 run alone (same generator)."""
+@pytest.mark.parametrize("ess_threshold", [None, 0.5])
+def test_a_population_does_not_depend_on_the_other_populations(ess_threshold):
+    """Group 0 of a batch of 8 groups equals group 0 run alone (same generator), also when each
+    population resamples on its own ESS (then the groups resample at different steps: the resampling
+    draws and the copies' noise keys must follow the population's own history)."""
     outs = []
-    for groups in (3, 1):
+    for groups in (8, 1):
         g = torch.Generator().manual_seed(4)
         x_T = PROCESS.prior((4 * groups, 2), generator=g, dtype=torch.float64)
         res = ds.steering.fk(TARGET.denoiser(PROCESS, "eps"), x_T, ds.grids.logsnr(PROCESS, 12), "ddpm",
                              linear_reward, particles=4, generator=g, lam=2.0, resample_every=1,
-                             resample_window=(1, 12), resampler="systematic")
-        outs.append(res.x[:4])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+                             resample_window=(1, 12), resampler="systematic", ess_threshold=ess_threshold)
+        outs.append((res.x[:4], res.log_weights[:4]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 STOCHASTIC = [c for c in SOLVER_CONFIGS if ds.solvers.get(c[0], **c[1]).stochastic]

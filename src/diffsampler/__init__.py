@@ -7,10 +7,11 @@
     x0 = ds.sample(model, proc.prior((16, 4, 64, 64), generator=g), grid, "dpmpp_2m", generator=g)
 """
 
-from . import grids, guidance, integrations, k_diffusion, models, solvers, steering, testbeds
+from . import grids, guidance, integrations, inversion, k_diffusion, models, posterior, solvers, steering, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
 from .loop import NonFiniteError, Run, sample
 from .generate import generate, load_samples
+from .inversion import invert, noise_to, regenerate
 from .process import EDM, VP, Flow, Process, VPCosine, VPDiscrete, VPLinear
 
 __version__ = "0.1.0"
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Process", "VP", "VPDiscrete", "VPLinear", "VPCosine", "EDM", "Flow",
     "Denoiser", "Prediction", "PREDICTIONS",
-    "sample", "Run", "NonFiniteError", "generate", "load_samples",
-    "grids", "guidance", "integrations", "k_diffusion", "models", "solvers", "steering", "testbeds",
+    "sample", "Run", "NonFiniteError", "generate", "load_samples", "invert", "regenerate", "noise_to",
+    "grids", "guidance", "integrations", "inversion", "k_diffusion", "posterior", "models", "solvers", "steering", "testbeds",
 ]

@@ -135,12 +135,17 @@ def explicit(process: Process, times: Sequence[float] | torch.Tensor) -> torch.T
     return validate(process, times)
 
 
-def validate(process: Process, grid) -> torch.Tensor:
+def validate(process: Process, grid, *, increasing: bool = False) -> torch.Tensor:
     """Return ``grid`` as a float64 CPU tensor, or raise a ValueError saying what is wrong.
 
     A grid has at least two times, is finite and strictly decreasing, and lies in
     ``[t_min, t_max]``; its last time may be 0 when the process reaches data.
+    ``increasing=True`` checks the same grid run backward (strictly increasing, its first
+    time may be 0): only inversion (:mod:`diffsampler.inversion`) runs a grid that way.
     """
+    if increasing:
+        g = validate(process, torch.as_tensor(_increasing(grid), dtype=torch.float64).flip(0))
+        return g.flip(0)
     try:
         g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -151,6 +156,10 @@ def validate(process: Process, grid) -> torch.Tensor:
     times = g.tolist()
     if not all(map(math.isfinite, times)):
         raise ValueError(f"grid has non-finite times: {times}")
+    if len(times) > 1 and all(times[k + 1] > times[k] for k in range(len(times) - 1)):
+        raise ValueError(f"grid must be strictly decreasing (sampling runs from noise at grid[0] to data), got an "
+                         f"increasing grid from {times[0]} to {times[-1]}; to run a grid backward (inversion) pass "
+                         f"the ordinary decreasing grid to ds.invert(model, x0, grid, method)")
     for k in range(len(times) - 1):
         if not times[k + 1] < times[k]:
             raise ValueError(f"grid must be strictly decreasing; grid[{k}] = {times[k]} is followed by "
@@ -172,6 +181,22 @@ def validate(process: Process, grid) -> torch.Tensor:
                              f"rounding clamp onto its ends, and the clamped grid is not strictly decreasing: {times}")
         g = torch.tensor(clamped, dtype=torch.float64)
     return g
+
+
+def _increasing(grid) -> list:
+    """``grid``'s times, checked to be strictly increasing (a grid run backward)."""
+    try:
+        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"grid must be a 1-D sequence of times, got {type(grid).__name__}: {err}") from None
+    if g.ndim != 1 or g.numel() < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 times (one step), got shape {tuple(g.shape)}")
+    times = g.tolist()
+    for k in range(len(times) - 1):
+        if not times[k + 1] > times[k]:
+            raise ValueError(f"a grid run backward must be strictly increasing; grid[{k}] = {times[k]} is "
+                             f"followed by grid[{k + 1}] = {times[k + 1]}")
+    return times
 
 
 # Relative distance beyond the process's time range that a grid's end may have from float32 rounding

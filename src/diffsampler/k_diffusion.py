@@ -84,7 +84,7 @@ class _SamplerNoise:
     def between(self, a: float, b: float) -> torch.Tensor:
         return self.noise_sampler(torch.tensor(a, dtype=self.sigmas.dtype), torch.tensor(b, dtype=self.sigmas.dtype))
 
-    def take(self, indices, event):  # pragma: no cover - particle drivers do not run through this interface
+    def take(self, indices):  # pragma: no cover - particle drivers do not run through this interface
         raise NotImplementedError("a k-diffusion noise_sampler cannot be reindexed")
 
 

@@ -136,11 +136,17 @@ class Run:
 
     ``run.sample_evaluations`` counts network evaluations times the batch they were made on
     (a batched call on ``b`` samples counts ``b``): what a particle method spends in all.
+
+    ``backward=True`` (the inversion path, :mod:`diffsampler.inversion`; :func:`sample` never takes
+    it) runs a strictly increasing grid, from data towards noise, with a deterministic solver: the
+    engines step in log-SNR and their steps are the same formulas with negative step sizes. Such
+    a grid starts above ``t = 0``, where no solver can take a step (the inversion's first step
+    from a data point is :func:`diffsampler.inversion.first_step`).
     """
 
     def __init__(self, model: Denoiser, x: torch.Tensor, grid, solver, *,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                 brownian: bool = False, **cond):
+                 brownian: bool = False, backward: bool = False, **cond):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -155,7 +161,10 @@ class Run:
                             f"got {type(model).__name__}")
         self.model, self.cond = model, cond
         self.solver = solver = _solvers.resolve(solver)
-        grid = _grids.validate(process, grid)
+        if backward:
+            grid = _backward_grid(process, grid, solver)
+        else:
+            grid = _grids.validate(process, grid)
         self.knots, self.state = _initial_state(solver, process, tuple(grid.tolist()), tuple(x.shape),
                                                 x.dtype, x.device)
         self.noise = None
@@ -171,7 +180,6 @@ class Run:
         self.prediction: Prediction | None = None
         self.sample_evaluations = 0
         self._kept: tuple | None = None   # run.evaluate()'s (x, t_i, answer)
-        self._takes = 0
         # The network as solvers call it: bare (the fast path of sample()) until a driver asks for
         # the step's answer or keeps one; then through _watched, which records and reuses answers.
         self._plain = (lambda x_, t_: model(x_, t_, **self.cond)) if cond else model
@@ -287,8 +295,7 @@ class Run:
         if self.prediction is not None:
             self.prediction = take(self.prediction, indices, batch, memo)
         if self.noise is not None:
-            self._takes += 1
-            self.noise = self.noise.take(indices, self._takes)
+            self.noise = self.noise.take(indices)
 
     def _flush_window(self) -> None:
         """Look for NaN/inf in the samples kept since the last look (a reindexing reshapes the batch)."""
@@ -297,6 +304,19 @@ class Run:
             j = self.i - len(window) + _first_non_finite(window)
             raise NonFiniteError(j, self.knots.t[j], self.knots.t[j + 1], self.solver.name)
         window.clear()
+
+
+def _backward_grid(process, grid, solver) -> torch.Tensor:
+    """The increasing grid of a backward run, checked, with a solver that can run it."""
+    if solver.stochastic or solver.adaptive:
+        kind = "stochastic (it draws noise)" if solver.stochastic else "adaptive (it picks its own steps)"
+        raise ValueError(f"solver {solver.name!r} is {kind} and cannot be run backward; allowed: a deterministic "
+                         f"solver that takes the grid's steps (e.g. 'ddim', 'dpmpp_2m', 'unipc'), or ddim's eta=0")
+    g = _grids.validate(process, grid, increasing=True)
+    if g[0] == 0.0:
+        raise ValueError("a backward run cannot start at t = 0 (no solver steps from a data point); start it at the "
+                         "grid's smallest positive time, as diffsampler.inversion.invert does")
+    return g
 
 
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,

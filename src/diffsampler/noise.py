@@ -134,6 +134,7 @@ class StepNoise:
         # Per-sample base counters and per-element offsets, computed once.
         self._keys = _mix(keys.to(self.device).reshape(-1, 1))
         self._offsets = torch.arange(pairs, dtype=torch.int64, device=self.device).reshape(1, -1) * _wrap(2 * _GOLDEN)
+        self.spawns = torch.zeros(len(keys), dtype=torch.int64)  # copies each key has had made (see take)
 
     @classmethod
     def from_generator(cls, generator, shape, dtype, device) -> "StepNoise":
@@ -142,25 +143,36 @@ class StepNoise:
     def draw(self, step: int, stream: int = 0) -> torch.Tensor:
         return self._normal(step * 1_000_003 + stream + 1)
 
-    def with_keys(self, keys: torch.Tensor) -> "StepNoise":
+    def with_keys(self, keys: torch.Tensor, spawns: torch.Tensor | None = None) -> "StepNoise":
         """The same noise for the samples of ``keys`` (one per sample; the batch may change size)."""
-        return StepNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device)
+        other = StepNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device)
+        if spawns is not None:
+            other.spawns = spawns
+        return other
 
-    def take(self, indices: torch.Tensor, event: int) -> "StepNoise":
+    def take(self, indices: torch.Tensor) -> "StepNoise":
         """The noise of a reindexed batch (particle ``k`` becomes a copy of ``indices[k]``).
 
         The first copy of a particle keeps its key, so a reindexing that copies every particle
         once changes no draw; each further copy gets a key derived from its parent's key, its
-        copy number and ``event`` (a count of reindexings, so the copies made at different
-        reindexings of one parent differ too). Copies then draw independent noise from here on,
-        which steering needs: copies that drew the same noise would stay identical (the failure
-        FK steering's authors report for deterministic samplers, their issue #7).
+        copy number and how many times that key has had copies made before (``spawns``, carried
+        with the particle), so the copies made at different reindexings of one parent differ
+        too, and a particle's keys depend only on its own lineage, never on how often the other
+        particles were reindexed (populations resampled on their own ESS). Copies then draw
+        independent noise from here on, which steering needs: copies that drew the same noise
+        would stay identical (the failure FK steering's authors report for deterministic
+        samplers, their issue #7).
         """
         indices = indices.to(torch.int64).cpu()
         parents = self.keys.cpu()[indices]
+        spawns = self.spawns[indices]
         copy = copy_numbers(indices)
-        derived = _mix(_mix(parents + _wrap(event * _M2)) + copy * _GOLDEN)
-        return self.with_keys(torch.where(copy == 0, parents, derived))
+        derived = _mix(_mix(parents + spawns * _wrap(_M2)) + copy * _GOLDEN)
+        # a parent copied more than once has spawned: its first copy counts it, the new keys start at 0
+        spawned = torch.zeros(len(self.keys), dtype=torch.int64).index_add_(0, indices, torch.ones_like(indices)) > 1
+        first = copy == 0
+        new_spawns = torch.where(first, spawns + spawned[indices].to(torch.int64), torch.zeros_like(spawns))
+        return self.with_keys(torch.where(first, parents, derived), new_spawns)
 
     def _normal(self, counter_id: int) -> torch.Tensor:
         """The standard normal tensor of one counter value (steps use ids below 2^40)."""
@@ -199,10 +211,13 @@ class BrownianNoise(StepNoise):
         self._current: dict[tuple[int, int], torch.Tensor] = {}
         self._previous: dict[tuple[int, int], torch.Tensor] = {}
 
-    def with_keys(self, keys: torch.Tensor) -> "BrownianNoise":
+    def with_keys(self, keys: torch.Tensor, spawns: torch.Tensor | None = None) -> "BrownianNoise":
         # The caches hold values of the old keys' paths: the new object starts without them.
-        return BrownianNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device, self.times,
-                             self.lo, self.hi, self.depth)
+        other = BrownianNoise(keys, (len(keys),) + self.shape[1:], self.dtype, self.device, self.times,
+                              self.lo, self.hi, self.depth)
+        if spawns is not None:
+            other.spawns = spawns
+        return other
 
     def _z(self, level: int, index: int) -> torch.Tensor:
         key = (level, index)

@@ -45,9 +45,10 @@ FULL = {"digits": dict(groups=40, steps=10, n=(1, 2, 4, 8, 16, 32), particles=(2
                        potentials=steering.POTENTIALS, candidates=(2, 4, 8), budgets=(4, 8, 16), claim_groups=200),
         "gmm": dict(groups=500, steps=20, n=(1, 2, 4, 8, 16, 32), particles=(2, 4, 8),
                     potentials=steering.POTENTIALS, candidates=(2, 4, 8), budgets=(4, 8, 16))}
-QUICK = {"digits": dict(groups=10, steps=10, n=(1, 2, 4, 8, 16), particles=(2, 4),
-                        potentials=("diff", "max"), candidates=(2, 4), budgets=(4,), claim_groups=20),
-         "gmm": dict(groups=200, steps=10, n=(1, 2, 4, 8, 16), particles=(2, 4),
+# (--quick checks that every row is produced, not the claims: it is also what the test suite runs)
+QUICK = {"digits": dict(groups=4, steps=8, n=(1, 2, 4, 8), particles=(2, 4),
+                        potentials=("diff", "max"), candidates=(2, 4), budgets=(4,), claim_groups=8),
+         "gmm": dict(groups=100, steps=8, n=(1, 2, 4, 8), particles=(2, 4),
                      potentials=("diff", "max"), candidates=(2, 4), budgets=(4,))}
 SOLVER = "ddpm"
 DIGITS_LAM = 10.0     # the authors' default inverse temperature, for a log-probability reward

@@ -40,9 +40,17 @@ def null_condition(model, cond: dict, uncond: dict | None = None) -> dict:
                      "(Denoiser(..., null=...)); pass uncond={...} with the keywords of the unconditional pass")
 
 
-def _stack(values: list):
-    """Concatenate per-pass conditioning values along the batch (tensors) or check they agree (others)."""
+def _stack(values: list, batch: int):
+    """Concatenate per-pass conditioning values along the batch (tensors) or check they agree (others).
+
+    A 0-d tensor (one class for the whole batch) that differs between passes, as a label and the
+    null label do, is expanded to the batch first."""
     first = values[0]
+    if isinstance(first, torch.Tensor) and first.ndim == 0 and all(isinstance(v, torch.Tensor) and v.ndim == 0
+                                                                   for v in values):
+        if not all(bool(v == first) for v in values[1:]):
+            return torch.cat([v.expand(batch) for v in values], 0)
+        return first
     if isinstance(first, torch.Tensor) and first.ndim > 0:
         return torch.cat(values, 0)
     if all(v is first or v == first for v in values[1:]):
@@ -63,7 +71,7 @@ def batch_calls(model, x: torch.Tensor, t, conds: list[dict]) -> list[Prediction
     missing = [k for k in keys if not all(k in c for c in conds)]
     if missing:
         raise ValueError(f"guidance: the keyword(s) {sorted(missing)} must be given in every pass")
-    merged = {k: _stack([c[k] for c in conds]) for k in keys}
+    merged = {k: _stack([c[k] for c in conds], x.shape[0]) for k in keys}
     tt = t.repeat(n) if isinstance(t, torch.Tensor) and t.ndim > 0 else t
     pred = model(torch.cat([x] * n, 0), tt, **merged)
     return pred.chunk(n)

@@ -7,7 +7,9 @@ Names: ``toy2d-moons``, ``toy2d-ring8``, ``toy2d-swissroll`` (2-D MLPs), ``digit
 (class-conditional UNet, ``label=`` a LongTensor of classes 0-9, ``NULL_LABEL`` = 10
 for none; without ``label`` the model is unconditional), ``digits-weak`` (an early
 checkpoint of ``digits``, for autoguidance), ``digits-flow`` (rectified flow),
-``digits-classifier`` (``log p(label | x_t)`` on VP-cosine noisy digits) and
+``digits-classifier`` (``log p(label | x_t)`` on VP-cosine noisy digits),
+``digits-minority`` (``log p(l | x_t)`` over 10 minority levels of ``digits``, for
+``ds.guidance.minority_guidance``; Um et al., 2024) and
 ``digits-evaluator`` (a classifier of clean digits trained on real digits only).
 Every file records how it was made and its measured quality: :func:`info`.
 ``diffsampler train NAME`` reproduces a file from its seed.

@@ -151,10 +151,14 @@ class DigitsUNet(nn.Module):
 
 
 class NoisyDigitsClassifier(nn.Module):
-    """``log p(label | x_t)``: a time-conditioned classifier of noisy 8x8 digits (for guidance)."""
+    """``log p(label | x_t)``: a time-conditioned classifier of noisy 8x8 digits (for guidance).
+
+    With ``num_classes`` minority levels it is the noise-aware minority classifier ``p(l | x_t)`` of
+    minority guidance (``digits-minority``)."""
 
     def __init__(self, hidden: int = 256, num_classes: int = 10):
         super().__init__()
+        self.num_classes = num_classes  # read by minority_guidance for its default (highest) level
         self.time = TimeEmbedding(64, hidden)
         self.inp = nn.Linear(64, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden))

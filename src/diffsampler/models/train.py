@@ -7,12 +7,15 @@ prediction type (Ho et al., 2020 for ``eps``; Lipman et al., 2023 and Liu et al.
 AdamW with a linear warm-up and cosine decay, and an exponential moving average
 of the weights (the EMA is what ships). Class-conditional models drop the label
 with probability ``label_dropout`` (Ho & Salimans, 2022), so the null label gives
-the unconditional model that classifier-free guidance needs.
+the unconditional model that classifier-free guidance needs. The minority classifier
+(``digits-minority``) learns the minority levels of the training digits (Um et al., 2024,
+arXiv:2301.12334): quantile classes of their minority scores under the shipped ``digits`` model.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +28,7 @@ from torch.nn import functional as F
 from ..process import VP, Flow, Process
 from . import data, nets
 
-__all__ = ["ModelSpec", "SPECS", "PROCESSES", "train", "fit"]
+__all__ = ["ModelSpec", "SPECS", "PROCESSES", "train", "fit", "minority_data", "minority_scores"]
 
 #: The processes of the shipped models, by the name their metadata records.
 PROCESSES: dict[str, Callable[[], Process]] = {
@@ -40,9 +43,11 @@ class ModelSpec:
     """What a shipped model is and how it is trained.
 
     ``kind`` is ``"denoiser"`` (a network for a ``Denoiser``), ``"noisy_classifier"``
-    (``log p(label | x_t)`` for guidance) or ``"evaluator"`` (a classifier of clean
-    data). ``snapshot`` names a shorter run of another spec: the weights of
-    ``snapshot[0]``'s training after ``snapshot[1]`` steps, same seed and schedule.
+    (``log p(label | x_t)`` for guidance), ``"minority_classifier"`` (``log p(l | x_t)`` over
+    the minority levels of the data under the shipped denoiser ``scored_by``, for minority
+    guidance) or ``"evaluator"`` (a classifier of clean data). ``snapshot`` names a shorter
+    run of another spec: the weights of ``snapshot[0]``'s training after ``snapshot[1]``
+    steps, same seed and schedule.
     """
 
     name: str
@@ -60,6 +65,7 @@ class ModelSpec:
     ema: float = 0.999
     snapshot: tuple[str, int] | None = None
     conditioning: dict = field(default_factory=dict)
+    scored_by: str | None = None
 
     def stop(self) -> int:
         return self.snapshot[1] if self.snapshot else self.steps
@@ -70,6 +76,10 @@ def _toy(name: str, data_name: str) -> ModelSpec:
                      seed=0, process="VP.linear()", prediction="eps",
                      description=f"MLP on 2-D {data_name}, VP linear (continuous DDPM), eps prediction")
 
+
+#: Quantile levels of the minority classifier: 10 of ~135 training digits each (the paper's 100 levels
+#: are for data sets of 10^4 to 10^6 images; a level needs enough digits to be learnt).
+MINORITY_LEVELS = 10
 
 _DIGITS_LABEL = {"label": f"LongTensor of digit classes 0-9; {nets.NULL_LABEL} is the null label (unconditional)"}
 
@@ -89,6 +99,12 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec("digits-classifier", "noisy_classifier", nets.NoisyDigitsClassifier, "digits", steps=4000,
               batch=256, lr=1e-3, seed=2, process="VP.cosine()",
               description="noise-conditioned classifier of VP-cosine noisy digits, for classifier guidance"),
+    ModelSpec("digits-minority", "minority_classifier", functools.partial(nets.NoisyDigitsClassifier, 128,
+                                                                           MINORITY_LEVELS),
+              "digits", steps=1000, batch=256, lr=1e-3, seed=4, process="VP.cosine()", scored_by="digits",
+              description=f"noise-aware minority classifier p(l | x_t) over {MINORITY_LEVELS} quantile levels of the "
+                          "minority scores of the training digits under the shipped digits model (unconditional), "
+                          "for minority guidance"),
     ModelSpec("digits-evaluator", "evaluator", nets.DigitsEvaluator, "digits", steps=3000, batch=128, lr=1e-3,
               seed=3, ema=0.99,
               description="classifier of clean digits trained on real digits only: judges generated digits"),
@@ -121,6 +137,45 @@ def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
 
 
+def _minority_scores(scored_by: str, split: str, seed: int) -> torch.Tensor:
+    """The minority scores of the digits of ``split`` under the shipped ``scored_by`` (unconditional,
+    the paper's time and 5 draws, from a generator seeded with ``seed``); cached, they take seconds."""
+    # convolutions sum in a thread-dependent order: a score cached at another thread count is not this one
+    return _minority_scores_at(scored_by, split, seed, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _minority_scores_at(scored_by: str, split: str, seed: int, threads: int) -> torch.Tensor:
+    from ..guidance.minority import minority_score
+    from . import load
+
+    images, _ = data.digits(split)
+    return minority_score(load(scored_by), images, generator=torch.Generator().manual_seed(seed), batch=500)
+
+
+def minority_scores(name: str | ModelSpec, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, scores)``: the digits of ``split`` and their minority scores under the shipped denoiser
+    that the minority classifier ``name`` (or spec) is scored by, the package's own weights whatever the
+    ``root`` a retraining writes to (the training digits with draws from its seed, others from seed + 1,
+    so that no two splits share noise)."""
+    spec = SPECS[name] if isinstance(name, str) else name
+    if spec.kind != "minority_classifier":
+        raise ValueError(f"minority_scores: {spec.name!r} is not a minority classifier")
+    return data.digits(split)[0], _minority_scores(spec.scored_by, split, spec.seed + (split != "train"))
+
+
+def minority_data(name: str | ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(images, levels, scores, thresholds)``: the training digits of the minority classifier ``name``
+    (or spec) and their minority levels, the equal-count quantile classes of their scores (Um et al. 2024),
+    with the thresholds (which the weights record in ``info(name)["minority"]``)."""
+    from ..guidance.minority import minority_classes
+
+    spec = SPECS[name] if isinstance(name, str) else name
+    images, scores = minority_scores(spec, "train")
+    levels, thresholds = minority_classes(scores, spec.build().num_classes)
+    return images, levels, scores, thresholds
+
+
 def fit(spec: ModelSpec, progress: Callable[[int, float], None] | None = None) -> nn.Module:
     """Train ``spec`` from its seed and return the EMA network (in eval mode).
 
@@ -133,7 +188,9 @@ def fit(spec: ModelSpec, progress: Callable[[int, float], None] | None = None) -
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=spec_run.lr, weight_decay=0.0)
     process = PROCESSES[spec_run.process]() if spec_run.process else None
-    if spec_run.data == "digits":
+    if spec_run.kind == "minority_classifier":
+        images, labels, _, _ = minority_data(spec_run)
+    elif spec_run.data == "digits":
         images, labels = data.digits("train")
     loss_avg = None
     for step in range(spec.stop()):
@@ -149,7 +206,7 @@ def fit(spec: ModelSpec, progress: Callable[[int, float], None] | None = None) -
             t = process.t_min + (process.t_max - process.t_min) * torch.rand(spec_run.batch, generator=g,
                                                                               dtype=torch.float64)
             eps = torch.randn(x0.shape, generator=g)
-            if spec_run.kind == "noisy_classifier":
+            if spec_run.kind in ("noisy_classifier", "minority_classifier"):
                 xt, _ = _target(process, "eps", t, x0, eps)
                 loss = F.cross_entropy(net(xt, t.float()), label)
             else:
@@ -199,4 +256,10 @@ def train(name: str, progress: Callable[[int, float], None] | None = None,
         "parameters": sum(p.numel() for p in net.parameters()),
         "torch": torch.__version__,
     }
+    if spec.kind == "minority_classifier":
+        _, _, scores, thresholds = minority_data(spec)
+        meta["minority"] = {"scored_by": spec.scored_by, "levels": len(thresholds) + 1, "score_seed": spec.seed,
+                            "thresholds": [round(v, 6) for v in thresholds.tolist()],
+                            "train_mean_score": round(scores.mean().item(), 4),
+                            "score": "squared error at the paper's t (0.06), 5 draws, unconditional"}
     return net, meta

@@ -71,7 +71,8 @@ class EulerCFGpp(DDIM):
         for i in range(len(knots)):
             s1 = knots.sigma[i + 1]
             h = knots.h(i)
-            c = self.eta * s1 * math.sqrt(-math.expm1(-2.0 * h))
+            # (eta = 0 draws no noise; run backward, h < 0 would put a negative number under the root)
+            c = self.eta * s1 * math.sqrt(-math.expm1(-2.0 * h)) if self.eta > 0 else 0.0
             data.append(knots.alpha[i + 1])
             noise.append(math.sqrt(max(0.0, s1 * s1 - c * c)))
             fresh.append(c)

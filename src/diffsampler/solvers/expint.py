@@ -55,9 +55,12 @@ def data_step(knots: Knots, i: int, eta: float = 0.0) -> tuple[float, float, flo
     a1, s0, s1 = knots.alpha[i + 1], knots.sigma[i], knots.sigma[i + 1]
     h = knots.h(i)
     decay = math.exp(-h)  # = (alpha s1) / (alpha1 s0), the signal-free fraction of x kept
-    noise_var_frac = -math.expm1(-2.0 * h)  # 1 - exp(-2h)
-    c = eta * s1 * math.sqrt(noise_var_frac)
-    keep = math.sqrt(max(0.0, 1.0 - eta * eta * noise_var_frac))  # sqrt(s1^2 - c^2) / s1
+    if eta == 0.0:  # (run backward, h < 0 and 1 - exp(-2h) < 0: no noise, and no square root of it)
+        c, keep = 0.0, 1.0
+    else:
+        noise_var_frac = -math.expm1(-2.0 * h)  # 1 - exp(-2h)
+        c = eta * s1 * math.sqrt(noise_var_frac)
+        keep = math.sqrt(max(0.0, 1.0 - eta * eta * noise_var_frac))  # sqrt(s1^2 - c^2) / s1
     A = keep * s1 / s0
     # B = alpha1 - alpha0 * A = alpha1 (1 - keep e^{-h}), written without cancellation at keep = 1.
     B = a1 * (-math.expm1(-h) + (1.0 - keep) * decay)

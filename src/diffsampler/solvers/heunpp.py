@@ -60,7 +60,8 @@ class HeunPP2(_ChurnedSolver):
 
     def init(self, knots: Knots, x) -> HeunPP2State:
         churn = super().init(knots, x).steps
-        n, s_first = len(knots), knots.s[0]
+        # the grid's first (largest) noise level; a grid run backward (inversion) starts at its smallest
+        n, s_first = len(knots), max(knots.s[0], knots.s[-1])
         steps = []
         for i, st in enumerate(churn):
             dt = st.s_next - st.s_hat

@@ -8,7 +8,9 @@ models toward a class and :func:`digits_accuracy` judges them with an independen
 """
 
 from .fk import POTENTIALS, best_of_n, fk, schedule_steps
-from .particles import Population, SteeringResult, latent_reward, stochastic_solvers
+from .fkc import FKCTarget, annealed, cfg_target, fkc, product
+from .particles import (REVERSE_SDE_SOLVERS, Population, SteeringResult, latent_reward, noise_level,
+                        reverse_sde_solvers, stochastic_solvers)
 from .resample import RESAMPLERS, ess, get_resampler, multinomial, resample_groups, residual, stratified, systematic
 from .rbf import FlowSDE, Reinterpolated, rbf, vp_interpolant
 from .rewards import class_log_prob, digits_accuracy, digits_reward
@@ -19,4 +21,5 @@ __all__ = ["best_of_n", "fk", "svdd", "SteeringResult", "latent_reward", "stocha
            "schedule_steps", "ess", "multinomial", "systematic", "stratified", "residual", "RESAMPLERS",
            "get_resampler", "resample_groups", "Population", "class_log_prob", "digits_reward",
            "digits_accuracy", "rbf", "FlowSDE", "vp_interpolant", "Reinterpolated",
-           "tree_search", "TreeSearchResult", "uct"]
+           "tree_search", "TreeSearchResult", "uct", "fkc", "FKCTarget", "annealed", "product", "cfg_target",
+           "REVERSE_SDE_SOLVERS", "reverse_sde_solvers", "noise_level"]

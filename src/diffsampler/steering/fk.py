@@ -31,7 +31,7 @@ import torch
 from .. import solvers as _solvers
 from ..loop import Run
 from .particles import Population, SteeringResult, require_stochastic
-from .resample import ess, get_resampler, resample_groups
+from .resample import get_resampler
 
 __all__ = ["fk", "best_of_n", "POTENTIALS", "schedule_steps"]
 
@@ -139,7 +139,7 @@ def fk(model, x: torch.Tensor, grid, solver, reward, *, particles: int, generato
             log_g = lam * r
         log_applied = log_applied + log_g
         log_w = log_w + log_g
-        indices, chosen = _resample(pop, resampler, log_w, ess_threshold, particles)
+        indices, chosen = pop.resample(resampler, log_w, ess_threshold)
         if indices is None:
             if not keep_weights:
                 log_w = torch.zeros_like(log_w)
@@ -148,26 +148,6 @@ def fk(model, x: torch.Tensor, grid, solver, reward, *, particles: int, generato
         log_w = torch.where(chosen, 0.0, log_w)[indices]
         r_prev, log_applied, rewards = r_prev[indices], log_applied[indices], rewards[indices]
     return pop.result(log_w, rewards, run.sample_evaluations)
-
-
-def _below(pop: Population, log_w: torch.Tensor, threshold: float, particles: int) -> torch.Tensor:
-    return ess(pop.grouped(log_w)) < threshold * particles
-
-
-def _resample(pop, resampler, log_w, threshold, particles):
-    """Global indices (``None`` when no population resamples) and a per-sample mask of the resampled groups."""
-    if particles == 1:  # a population of one resamples to itself
-        return None, None
-    if threshold is None:
-        resampling = torch.ones(pop.groups, dtype=torch.bool)
-    else:
-        resampling = _below(pop, log_w, threshold, particles)
-        if not resampling.any():
-            return None, None
-    indices = resample_groups(resampler, pop.generators(), log_w, particles)
-    keep = torch.arange(log_w.shape[0])
-    chosen = resampling.repeat_interleave(particles)
-    return torch.where(chosen, indices, keep), chosen
 
 
 @torch.no_grad()  # gradient-free: no graph through the network over the steps

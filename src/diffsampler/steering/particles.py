@@ -16,10 +16,12 @@ from typing import Callable
 import torch
 
 from .. import solvers as _solvers
+from .resample import ess, resample_groups
 from ..loop import Run
 from ..noise import _mix, _wrap, _GOLDEN, sample_keys
 
-__all__ = ["SteeringResult", "Population", "Reward", "latent_reward", "stochastic_solvers", "require_stochastic"]
+__all__ = ["SteeringResult", "Population", "Reward", "latent_reward", "stochastic_solvers", "require_stochastic",
+           "REVERSE_SDE_SOLVERS", "reverse_sde_solvers", "require_reverse_sde", "noise_level"]
 
 Reward = Callable[..., torch.Tensor]  # reward(x0, **cond) -> (batch,)
 
@@ -54,6 +56,42 @@ def require_stochastic(solver, method: str) -> None:
                          f"deterministic one noise (ddim with eta > 0, euler or heun with s_churn > 0)")
 
 
+# Solvers whose noise at eta = 1 (and s_noise = 1) is the reverse SDE's own, g dW: each step samples
+# (to its order) the reverse-time SDE of the model's process. The Feynman-Kac correctors and AFDPS
+# derive their weights for that noise level (or none), so they accept only these, or a deterministic
+# solver where V = 0 is meant. ddim counts at eta = 1 (it is then ddpm).
+REVERSE_SDE_SOLVERS = ("ddpm", "ddim", "euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                       "dpmpp_2m_sde", "dpmpp_3m_sde", "res_multistep_ancestral", "seeds_2", "seeds_3")
+
+
+def noise_level(solver) -> str | None:
+    """``"reverse_sde"`` for a reverse-SDE kernel, ``"ode"`` for a deterministic solver, ``None`` otherwise."""
+    if not solver.stochastic:
+        return None if solver.adaptive else "ode"
+    if solver.name in REVERSE_SDE_SOLVERS and getattr(solver, "eta", 1.0) == 1.0 \
+            and getattr(solver, "s_noise", 1.0) == 1.0:
+        return "reverse_sde"
+    return None
+
+
+def reverse_sde_solvers() -> list[str]:
+    """The registered solvers that are reverse-SDE kernels at their default options."""
+    return [n for n in _solvers.names() if noise_level(_solvers.get(n)) == "reverse_sde"]
+
+
+def require_reverse_sde(solver, method: str, ode: bool = False) -> str:
+    """The solver's noise level, ``"reverse_sde"`` (or ``"ode"`` where ``ode`` allows it), or a clear error."""
+    level = noise_level(solver)
+    if level == "reverse_sde" or (ode and level == "ode"):
+        return level
+    allowed = ", ".join(reverse_sde_solvers()) + " (eta = 1, s_noise = 1), ddim with eta = 1"
+    if ode:
+        allowed += ", or a deterministic solver with a fixed grid (V = 0)"
+    options = {k: getattr(solver, k) for k in solver.options()}
+    raise ValueError(f"{method}: solver {solver.name!r} with options {options} is not a reverse-SDE kernel, and "
+                     f"{method}'s weights are derived for the reverse SDE's own noise level; use one of {allowed}")
+
+
 class Population:
     """The bookkeeping of one steered batch: groups, the reward and its checks, the generators.
 
@@ -64,7 +102,7 @@ class Population:
 
     def __init__(self, method: str, run: Run, reward: Reward, particles, generator):
         self.method, self.run = method, run
-        if not callable(reward):
+        if reward is not None and not callable(reward):
             raise TypeError(f"{method}: reward must be callable as reward(x0, **cond) -> (batch,), "
                             f"got {type(reward).__name__}")
         batch = run.x.shape[0]
@@ -76,12 +114,19 @@ class Population:
         self.reward, self.particles, self.groups = reward, particles, batch // particles
         # One key per population (one draw from the generator, whatever the number of groups).
         self._keys = sample_keys(self.groups, generator)
-        self._events = 0
+        self._events = [0] * self.groups  # draws made by each population so far
 
-    def generators(self) -> list[torch.Generator]:
-        """One generator per group for the next draw; each draw (event) gets new ones."""
-        self._events += 1
-        seeds = _mix(self._keys + _wrap(self._events * _GOLDEN * 7))
+    def generators(self, groups: torch.Tensor | None = None) -> list[torch.Generator]:
+        """One generator per group for the next draw of the populations in ``groups`` (a boolean mask;
+        all by default), derived from the group's key and the number of draws that population has made:
+        a population's draws never depend on whether the others drew (an ESS-adaptive schedule
+        resamples some populations and not others). Groups outside the mask get a generator too (the
+        batched resamplers draw for every group) whose draws are discarded and not counted."""
+        drawing = [True] * self.groups if groups is None else [bool(v) for v in groups.tolist()]
+        for k, yes in enumerate(drawing):
+            self._events[k] += yes
+        shift = torch.tensor([_wrap(e * _GOLDEN * 7) for e in self._events], dtype=torch.int64)
+        seeds = _mix(self._keys + shift)
         return [torch.Generator().manual_seed(int(s) & ((1 << 63) - 1)) for s in seeds.tolist()]
 
     def reward_of(self, x0: torch.Tensor, step: int) -> torch.Tensor:
@@ -113,6 +158,23 @@ class Population:
         """Log-weights with each population's logsumexp 0."""
         g = self.grouped(log_w)
         return (g - torch.logsumexp(g, dim=1, keepdim=True)).reshape(-1)
+
+    def resample(self, resampler, log_w: torch.Tensor, threshold: float | None):
+        """Resample the populations by ``log_w``: every one (``threshold`` None), or those whose ESS is
+        below ``threshold * particles``. Returns global parent indices (``None`` when no population
+        resamples) and a per-sample mask of the resampled populations' particles."""
+        particles = self.particles
+        if particles == 1:  # a population of one resamples to itself
+            return None, None
+        if threshold is None:
+            resampling = torch.ones(self.groups, dtype=torch.bool)
+        else:
+            resampling = ess(self.grouped(log_w)) < threshold * particles
+            if not resampling.any():
+                return None, None
+        indices = resample_groups(resampler, self.generators(resampling), log_w, particles)
+        chosen = resampling.repeat_interleave(particles)
+        return torch.where(chosen, indices, torch.arange(log_w.shape[0])), chosen
 
     def result(self, log_w: torch.Tensor, rewards: torch.Tensor, evaluations: int) -> SteeringResult:
         x = self.run.x
