@@ -91,3 +91,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_bench_section_alone(tmp_path, monkeypatch, module, tiny, name):
+    """Run one bench section at a tiny size into ``tmp_path``, the other sections read back from the
+    repository's ``benchmarks/results.json`` (one accuracy problem kept: one plot to draw); returns the
+    report's text and the new results. The other sections' plots and the real-digit floor are
+    tests/test_bench.py's business (and most of the time)."""
+    import json
+    from pathlib import Path
+
+    from diffsampler.bench import report, run
+
+    monkeypatch.setattr(module, "QUICK", tiny)
+    monkeypatch.setattr(report, "_plot_accuracy", lambda results, out: [])
+    monkeypatch.setattr(report, "_plot_overhead", lambda timings, out: "overhead.png")
+    monkeypatch.setattr(report, "_real_fd_floor", lambda: "(not measured here)")
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results.json").read_text())
+    first = (data["accuracy"][0]["testbed"], data["accuracy"][0]["process"])
+    data["accuracy"] = [r for r in data["accuracy"] if (r["testbed"], r["process"]) == first]
+    data["adaptive"] = [r for r in data["adaptive"] if (r["testbed"], r["process"]) == first]
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps(data))
+    text = run(quick=True, root=tmp_path, log=lambda s: None, sections=(name,)).read_text()
+    data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert data["provenance"][name] == f"diffsampler bench --quick --section {name}"
+    return text, data

@@ -1,10 +1,9 @@
 """`diffsampler bench --section steering` at a tiny size: it runs, writes its section through the bench's
 writer, and the report reproduces from the raw numbers."""
 
-import json
-from pathlib import Path
-
 import pytest
+
+from conftest import run_bench_section_alone
 
 pytest.importorskip("diffusers")
 
@@ -12,28 +11,13 @@ TINY = {"digits": dict(groups=2, steps=3, n=(1, 2, 4), particles=(2, 4), potenti
                        budgets=(4,), claim_groups=2),
         "gmm": dict(groups=20, steps=4, n=(1, 2, 4), particles=(2, 4), potentials=("diff", "max"), candidates=(2,),
                     budgets=(4,))}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_steering_section_runs_alone_and_rewrites_identically(tmp_path, monkeypatch):
-    from diffsampler.bench import report, rewrite, run
+    from diffsampler.bench import rewrite
     from diffsampler.bench import steering as st
 
-    monkeypatch.setattr(st, "QUICK", TINY)
-    # the other sections' plots and real-digit floor are tests/test_bench.py's business (and most of the time)
-    monkeypatch.setattr(report, "_plot_accuracy", lambda results, out: [])
-    monkeypatch.setattr(report, "_plot_overhead", lambda timings, out: "overhead.png")
-    monkeypatch.setattr(report, "_real_fd_floor", lambda: "(not measured here)")
-    # The other sections are read back from results.json; keep one accuracy problem (one plot to draw).
-    data = json.loads((REPO / "benchmarks" / "results.json").read_text())
-    first = (data["accuracy"][0]["testbed"], data["accuracy"][0]["process"])
-    data["accuracy"] = [r for r in data["accuracy"] if (r["testbed"], r["process"]) == first]
-    data["adaptive"] = [r for r in data["adaptive"] if (r["testbed"], r["process"]) == first]
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "results.json").write_text(json.dumps(data))
-    text = run(quick=True, root=tmp_path, log=lambda s: None, sections=("steering",)).read_text()
-    data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
-    assert data["provenance"]["steering"] == "diffsampler bench --quick --section steering"
+    text, data = run_bench_section_alone(tmp_path, monkeypatch, st, TINY, "steering")
     rows = data["steering"]
     methods = {r["method"] for r in rows if r["problem"] == "digits"}
     assert {"best_of_n", "fk", "svdd"} <= methods

@@ -10,7 +10,23 @@ from typing import Callable
 
 __all__ = ["run", "rewrite", "SECTIONS"]
 
-SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models", "steering")
+# The second layer's sections, each a module of this package with its row dataclass, its runner
+# ``run(quick, log) -> rows``, its BENCHMARKS.md lines ``section(rows)`` and its plot ``plot(rows, out)``
+# (or None), in the report's order.
+LAYER_SECTIONS = {
+    "steering": ("steering", "SteerResult", "run_steering", "steering_section", "plot_steering"),
+    "inversion": ("inversion", "InversionResult", "run_inversion", "inversion_section", "plot_inversion"),
+    "posterior": ("posterior", "PosteriorResult", "run_posterior", "posterior_section", None),
+}
+SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models") + tuple(LAYER_SECTIONS)
+
+
+def layer_section(name: str, part: str):
+    """The row type (``"row"``), runner, section writer or plotter of a second-layer section, or None."""
+    import importlib
+    module, row, runner, section, plot = LAYER_SECTIONS[name]
+    attr = {"row": row, "run": runner, "section": section, "plot": plot}[part]
+    return None if attr is None else getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
 def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
@@ -28,7 +44,6 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     from .models import run_guidance, run_models
     from .overhead import run_overhead
     from .report import write_report
-    from .steering import run_steering
 
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
@@ -49,8 +64,9 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     if "models" in sections:
         old["models"] = run_models(quick=quick, log=log)
         old["guidance"] = run_guidance(quick=quick, log=log)
-    if "steering" in sections:
-        old["steering"] = run_steering(quick=quick, log=log)
+    for name in LAYER_SECTIONS:
+        if name in sections:
+            old[name] = layer_section(name, "run")(quick=quick, log=log)
     command = "diffsampler bench" + (" --quick" if quick else "")
     if partial:  # each section keeps the command that last produced it
         command += " --section " + " --section ".join(sections)
@@ -59,7 +75,7 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, Path(root), provenance, machine, old.get("models", []),
                         old.get("guidance", []), adaptive_results=old.get("adaptive", []),
-                        steering_results=old.get("steering", []))
+                        layers={name: old.get(name, []) for name in LAYER_SECTIONS})
     log(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -77,7 +93,6 @@ def _load(root: Path) -> dict:
     from .distribution import DistResult
     from .models import GuidanceResult, ModelResult
     from .overhead import Timing
-    from .steering import SteerResult
 
     path = root / "benchmarks" / "results.json"
     if not path.is_file():
@@ -93,7 +108,7 @@ def _load(root: Path) -> dict:
         "models": [ModelResult(**m) for m in data.get("models", [])],
         "guidance": [GuidanceResult(**m) for m in data.get("guidance", [])],
         "adaptive": [Result(**r) for r in data.get("adaptive", [])],
-        "steering": [SteerResult(**r) for r in data.get("steering", [])],
+        **{name: [layer_section(name, "row")(**r) for r in data.get(name, [])] for name in LAYER_SECTIONS},
         "machine": data["machine"],
         "versions": data.get("versions"),
     }
@@ -108,6 +123,6 @@ def rewrite(root: Path | str = ".", log: Callable[[str], None] = print) -> Path:
     (results, failures), dist, timings = old["accuracy"], old["distribution"], old["overhead"]
     path = write_report(results, failures, dist, timings, root, old["provenance"], old["machine"], old["models"],
                         old["guidance"], old["versions"], adaptive_results=old["adaptive"],
-                        steering_results=old["steering"])
+                        layers={name: old[name] for name in LAYER_SECTIONS})
     log(f"rewrote {path} from benchmarks/results.json")
     return path

@@ -139,7 +139,11 @@ def describe_provenance(provenance: dict[str, str]) -> str:
 def write_report(results: list[Result], failures: list[Failure], dist: list[DistResult], timings: list[Timing],
                  root: Path, provenance: dict[str, str], machine: str, model_results: list | None = None,
                  guidance_results: list | None = None, versions: dict | None = None,
-                 adaptive_results: list[Result] | None = None, steering_results: list | None = None) -> Path:
+                 adaptive_results: list[Result] | None = None, layers: dict[str, list] | None = None) -> Path:
+    """Write BENCHMARKS.md, the plots and results.json; ``layers`` maps each second-layer section
+    (``diffsampler.bench.LAYER_SECTIONS``) to its rows."""
+    from . import LAYER_SECTIONS, layer_section
+    layers = {name: (layers or {}).get(name) or [] for name in LAYER_SECTIONS}
     assets = root / "benchmarks"
     assets.mkdir(parents=True, exist_ok=True)
     best = best_per_nfe(results)
@@ -157,7 +161,7 @@ def write_report(results: list[Result], failures: list[Failure], dist: list[Dist
         "models": [dataclasses.asdict(m) for m in model_results or []],
         "guidance": [dataclasses.asdict(m) for m in guidance_results or []],
         "adaptive": [dataclasses.asdict(r) for r in adaptive_results or []],
-        "steering": [dataclasses.asdict(r) for r in steering_results or []],
+        **{name: [dataclasses.asdict(r) for r in rows] for name, rows in layers.items()},
     }, indent=1, default=list))
     acc_plots = _plot_accuracy(results, assets)
     ovh_plot = _plot_overhead(timings, assets)
@@ -250,10 +254,12 @@ def write_report(results: list[Result], failures: list[Failure], dist: list[Dist
         lines += _models_section(model_results)
     if guidance_results:
         lines += _guidance_section(guidance_results)
-    if steering_results:
-        from .steering import plot_steering, steering_section
-        plot_steering(steering_results, assets)
-        lines += steering_section(steering_results)
+    for name, rows in layers.items():
+        if rows:
+            plot = layer_section(name, "plot")
+            if plot is not None:
+                plot(rows, assets)
+            lines += layer_section(name, "section")(rows)
     path = root / "BENCHMARKS.md"
     path.write_text("\n".join(lines))
     return path
