@@ -12,13 +12,7 @@ TINY = {"mixture": dict(samples=4, steps=(3,)),
         "edit": dict(samples=2, steps=3, mixture_samples=4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest's one-thread fixture
 
 
 def test_the_inversion_section_runs_alone_and_rewrites_identically(tmp_path, monkeypatch):

@@ -31,6 +31,12 @@ def test_posterior_refuses_a_bad_choice():
     assert result.exit_code != 0 and "unknown task 'deblur'" in result.output
 
 
+def test_posterior_that_diverges_says_so_without_a_traceback(tmp_path):
+    result = _run("posterior", "--task", "inpaint", "--method", "afdps", "--sigma-y", "0.1", "--images", "1",
+                  "--particles", "2", "--steps", "20", "--out", str(tmp_path))
+    assert result.exit_code == 1 and "use more steps" in result.output and "Traceback" not in result.output
+
+
 def test_edit_prints_the_three_numbers_and_writes_the_picture(tmp_path):
     result = _run("edit", "--model", "digits", "--index", "17", "--to", "8", "--method", "bdia", "--steps", "5",
                   "--strength", "1.0", "--out", str(tmp_path))

@@ -405,6 +405,9 @@ def posterior(
                              out=out, **options)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    except FloatingPointError as err:  # AFDPS's explicit guidance diverged: say so, no traceback
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
     console.print(format_result(r))
 
 

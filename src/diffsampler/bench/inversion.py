@@ -85,24 +85,8 @@ def _rel(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return d / x0.double().flatten(1).norm(dim=1)
 
 
-def _round_trip(problem, base, model, x0, labels, grid, method, dtype, scale, log) -> InversionResult:
-    from .. import inversion
-
-    before = base.nfe
-    start = time.perf_counter()
-    inv = inversion.invert(model, x0, grid, _method(method), generator=torch.Generator().manual_seed(SEED),
-                           label=labels)
-    x = inversion.regenerate(model, inv, grid, label=labels)
-    seconds = time.perf_counter() - start
-    err = _rel(x, x0)
-    row = InversionResult(problem, "reconstruction", method, dtype, len(grid) - 1, x0.shape[0], scale,
-                          base.nfe - before, float(err.median()), float(err.max()), None, None, round(seconds, 2))
-    log(f"inversion {problem} {method} {dtype} {row.steps} steps: NFE {row.nfe}, error {row.error:.2e} "
-        f"(max {row.error_max:.2e})")
-    return row
-
-
-def _edit(problem, base, model, x0, labels, targets, grid, method, judge, log) -> InversionResult:
+def _invert_and_regenerate(base, model, x0, labels, targets, grid, method):
+    """Invert ``x0`` under ``labels`` and regenerate under ``targets``: the result, its NFE and seconds."""
     from .. import inversion
 
     before = base.nfe
@@ -110,11 +94,25 @@ def _edit(problem, base, model, x0, labels, targets, grid, method, judge, log) -
     inv = inversion.invert(model, x0, grid, _method(method), generator=torch.Generator().manual_seed(SEED),
                            label=labels)
     x = inversion.regenerate(model, inv, grid, label=targets)
-    seconds = time.perf_counter() - start
+    return x, base.nfe - before, round(time.perf_counter() - start, 2)
+
+
+def _round_trip(problem, base, model, x0, labels, grid, method, dtype, scale, log) -> InversionResult:
+    x, nfe, seconds = _invert_and_regenerate(base, model, x0, labels, labels, grid, method)
+    err = _rel(x, x0)
+    row = InversionResult(problem, "reconstruction", method, dtype, len(grid) - 1, x0.shape[0], scale,
+                          nfe, float(err.median()), float(err.max()), None, None, seconds)
+    log(f"inversion {problem} {method} {dtype} {row.steps} steps: NFE {row.nfe}, error {row.error:.2e} "
+        f"(max {row.error_max:.2e})")
+    return row
+
+
+def _edit(problem, base, model, x0, labels, targets, grid, method, judge, log) -> InversionResult:
+    x, nfe, seconds = _invert_and_regenerate(base, model, x0, labels, targets, grid, method)
     success = (judge(x) == targets).double().mean().item()
     distance = (x.double() - x0.double()).flatten(1).pow(2).mean(1).sqrt().mean().item()
     row = InversionResult(problem, "edit", method, str(x0.dtype).removeprefix("torch."), len(grid) - 1,
-                          x0.shape[0], SCALE, base.nfe - before, None, None, success, distance, round(seconds, 2))
+                          x0.shape[0], SCALE, nfe, None, None, success, distance, seconds)
     log(f"inversion edit {problem} {method}: NFE {row.nfe}, success {success:.1%}, distance {distance:.3f}")
     return row
 

@@ -201,6 +201,14 @@ def _num(v: float, fmt: str = ".3f") -> str:
     return "-" if v != v else format(v, fmt)
 
 
+def _error_table(rows: list[PosteriorResult], second: str) -> list[str]:
+    lines = [f"| method | setting | steps | NFE | mean error | {second} | mode-weight error |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.setting} | {r.steps} | {r.nfe:.0f} | {r.mean_error:.3f} | {r.cov_error:.3f} | "
+              f"{r.mode_error:.3f} |" for r in rows]
+    return lines + [""]
+
+
 def posterior_section(rows: list[PosteriorResult]) -> list[str]:
     """The lines of BENCHMARKS.md's posterior section."""
     lines = ["## Posterior sampling and Feynman-Kac correctors", ""]
@@ -213,12 +221,7 @@ def posterior_section(rows: list[PosteriorResult]) -> list[str]:
             "over the populations; DPS: its samples. Errors: of the mean (L2), of the covariance (Frobenius), "
             "of the mode weights (half the L1 distance of the mean responsibilities under the posterior). NFE per "
             "particle (or DPS sample; DPS adds one VJP through the denoiser per step).", "",
-            "| method | setting | steps | NFE | mean error | covariance error | mode-weight error |",
-            "|---|---|---|---|---|---|---|"]
-        for r in post:
-            lines.append(f"| {r.method} | {r.setting} | {r.steps} | {r.nfe:.0f} | {r.mean_error:.3f} | "
-                         f"{r.cov_error:.3f} | {r.mode_error:.3f} |")
-        lines.append("")
+            *_error_table(post, "covariance error")]
     fkc = [r for r in rows if r.problem == "fkc"]
     if fkc:
         lines += [
@@ -226,12 +229,7 @@ def posterior_section(rows: list[PosteriorResult]) -> list[str]:
             "(linear), by quadrature on a 481 x 481 grid: FKC's weighted particles against plain CFG (the same "
             "reverse SDE with the combined score, no weights). Errors of the mean, of the second moments and "
             "of the mode weights.", "",
-            "| method | setting | steps | NFE | mean error | second-moment error | mode-weight error |",
-            "|---|---|---|---|---|---|---|"]
-        for r in fkc:
-            lines.append(f"| {r.method} | {r.setting} | {r.steps} | {r.nfe:.0f} | {r.mean_error:.3f} | "
-                         f"{r.cov_error:.3f} | {r.mode_error:.3f} |")
-        lines.append("")
+            *_error_table(fkc, "second-moment error")]
     digits = [r for r in rows if r.problem == "digits"]
     if digits:
         lines += [
