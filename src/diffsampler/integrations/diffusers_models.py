@@ -1,12 +1,5 @@
-"""Models from other libraries as Denoisers.
-
-* :func:`from_diffusers`: a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``)
-  or any module with their call signature, with the process, prediction type and
-  timestep mapping read from a scheduler or its config.
-* :func:`from_k_diffusion`: any k-diffusion style denoiser ``D(x, sigma, **cond)``.
-
-diffusers itself is imported by neither: only the scheduler's config is read.
-"""
+"""diffusers models as Denoisers: :func:`from_diffusers` reads the process, prediction type and
+timestep mapping from a scheduler or its config."""
 
 from __future__ import annotations
 
@@ -15,10 +8,10 @@ from typing import Any, Callable
 
 import torch
 
-from .denoiser import Denoiser
-from .process import EDM, Flow, Process, VPDiscrete
+from ..denoiser import Denoiser
+from ..process import Flow, Process, VPDiscrete
 
-__all__ = ["from_diffusers", "from_k_diffusion", "process_from_config", "PREDICTION_TYPES"]
+__all__ = ["from_diffusers", "process_from_config", "PREDICTION_TYPES"]
 
 #: diffusers' ``prediction_type`` values and ours.
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
@@ -123,17 +116,3 @@ def from_diffusers(unet: torch.nn.Module, scheduler_or_config, *, prediction: st
     network.module = unet  # for hooks that need the module itself (perturbed-attention guidance)
     return Denoiser(network, process, prediction, time_input=time_input, null=null,
                     name=type(unet).__name__)
-
-
-def from_k_diffusion(denoiser: Callable, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                     *, null: Callable[[dict], dict] | None = None) -> Denoiser:
-    """A Denoiser for a k-diffusion style ``D(x, sigma, **cond) -> x0`` in EDM coordinates.
-
-    k-diffusion's wrappers of VP models (``DiscreteEpsDDPMDenoiser`` and the like)
-    have this form too, with ``x`` in the EDM scale ``x_t / alpha``; pass their
-    ``sigma_min`` and ``sigma_max``.
-    """
-    if not callable(denoiser):
-        raise TypeError(f"from_k_diffusion: denoiser must be callable, got {type(denoiser).__name__}")
-    return Denoiser(denoiser, EDM(sigma_min, sigma_max), "x0", null=null,
-                    name=getattr(denoiser, "__name__", type(denoiser).__name__))
