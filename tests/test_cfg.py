@@ -211,3 +211,28 @@ def test_dpmpp_2m_cfg_pp_is_comfyuis_loop(key):
             mix = mix - math.expm1(-h) / (2 * r) * (c - u_prev)
         y, u_prev = c + mix + math.exp(-h) * y, u
     torch.testing.assert_close(ours, y * float(p.ode_scale(times[-1])), rtol=1e-10, atol=1e-10)
+
+
+def test_nested_conditioning_goes_through_guidance_key_by_key():
+    # SDXL's UNet takes added_cond_kwargs={"text_embeds": ..., "time_ids": ...}: a dict inside the keywords.
+    calls = []
+
+    def net(x, t, added_cond_kwargs=None, encoder_hidden_states=None):
+        calls.append(x.shape[0])
+        a = added_cond_kwargs
+        return 0.5 * x + a["text_embeds"].sum(1, keepdim=True) * encoder_hidden_states + a["time_ids"][:, :1]
+
+    model = ds.Denoiser(net, ds.VPLinear(), "eps")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, generator=g)
+    cond = {"added_cond_kwargs": {"text_embeds": torch.randn(3, 4, generator=g), "time_ids": torch.randn(3, 6, generator=g)},
+            "encoder_hidden_states": torch.randn(3, 2, generator=g)}
+    uncond = {"added_cond_kwargs": {"text_embeds": torch.zeros(3, 4), "time_ids": torch.randn(3, 6, generator=g)},
+              "encoder_hidden_states": torch.zeros(3, 2)}
+    guided = ds.guidance.cfg(model, 4.0, uncond=uncond)(x, 0.4, **cond)
+    assert calls == [6]  # one batched call for both passes
+    c, u = model(x, 0.4, **cond), model(x, 0.4, **uncond)
+    torch.testing.assert_close(guided.eps, u.eps + 4.0 * (c.eps - u.eps))
+    bad = {"added_cond_kwargs": {"text_embeds": torch.zeros(3, 4)}, "encoder_hidden_states": torch.zeros(3, 2)}
+    with pytest.raises(ValueError, match="same keys in every pass"):
+        ds.guidance.cfg(model, 4.0, uncond=bad)(x, 0.4, **cond)

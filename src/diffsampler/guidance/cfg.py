@@ -44,8 +44,15 @@ def _stack(values: list, batch: int):
     """Concatenate per-pass conditioning values along the batch (tensors) or check they agree (others).
 
     A 0-d tensor (one class for the whole batch) that differs between passes, as a label and the
-    null label do, is expanded to the batch first."""
+    null label do, is expanded to the batch first. Dicts are stacked key by key (SDXL's
+    ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``), so nested conditioning goes
+    through every transform that batches its passes."""
     first = values[0]
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in values[1:]):
+            keys = [sorted(v) if isinstance(v, dict) else type(v).__name__ for v in values]
+            raise ValueError(f"guidance: a nested conditioning dict must have the same keys in every pass, got {keys}")
+        return {k: _stack([v[k] for v in values], batch) for k in first}
     if isinstance(first, torch.Tensor) and first.ndim == 0 and all(isinstance(v, torch.Tensor) and v.ndim == 0
                                                                    for v in values):
         if not all(bool(v == first) for v in values[1:]):
