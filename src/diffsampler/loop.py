@@ -12,7 +12,7 @@ import torch
 from . import grids as _grids
 from . import solvers as _solvers
 from .denoiser import Denoiser, Prediction
-from .noise import BrownianNoise, StepNoise, sample_keys
+from .noise import NOISE_KINDS, BrownianNoise, GeneratorNoise, StepNoise, sample_keys
 
 __all__ = ["sample", "Run", "NonFiniteError", "take"]
 
@@ -146,7 +146,7 @@ class Run:
 
     def __init__(self, model: Denoiser, x: torch.Tensor, grid, solver, *,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                 brownian: bool = False, backward: bool = False, **cond):
+                 brownian: bool = False, backward: bool = False, noise: str = "keyed", **cond):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -167,8 +167,16 @@ class Run:
             grid = _grids.validate(process, grid)
         self.knots, self.state = _initial_state(solver, process, tuple(grid.tolist()), tuple(x.shape),
                                                 x.dtype, x.device)
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
         self.noise = None
-        if solver.stochastic:
+        if solver.stochastic and noise == "diffusers":
+            if brownian or solver.brownian:
+                raise ValueError(f"noise='diffusers' draws independent normals per step; solver {solver.name!r}"
+                                 f"{' needs' if solver.brownian else ' with brownian=True asks for'} a Brownian path: "
+                                 f"use noise='keyed'")
+            self.noise = GeneratorNoise(generator, x.shape, x.dtype, x.device)
+        elif solver.stochastic:
             keys = sample_keys(x.shape[0], generator)
             if brownian or solver.brownian:
                 top = float(process.ode_sigma(process.t_max))
@@ -322,7 +330,7 @@ def _backward_grid(process, grid, solver) -> torch.Tensor:
 def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = False,
-           brownian: bool = False, grad: bool = False, **cond) -> torch.Tensor:
+           brownian: bool = False, noise: str = "keyed", grad: bool = False, **cond) -> torch.Tensor:
     """Integrate from ``x`` at ``grid[0]`` to ``grid[-1]`` with ``solver``; return the final sample.
 
     Parameters
@@ -353,6 +361,14 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
         sample (in the process's noise level ``ode_sigma``), so that runs with
         different step counts follow the same path. Solvers that need it
         (``dpmpp_sde``) always get it.
+    noise:
+        ``"keyed"`` (the default): a stochastic solver's noise is a function of one key per sample
+        drawn from ``generator``, so a sample does not depend on its batch or device.
+        ``"diffusers"``: each step's noise is the next ``randn`` of ``generator`` (one per sample for a
+        list), as diffusers' schedulers draw it; with a start point drawn by
+        :func:`diffusers.utils.torch_utils.randn_tensor` (or :func:`diffsampler.noise.diffusers_randn`)
+        from the same generator, a seed then reproduces a diffusers image (DDIM with ``eta``, Euler
+        ancestral, DPM-Solver++ SDE). Not for Brownian-path solvers or particle methods.
     progress:
         Show a progress bar.
     grad:
@@ -371,11 +387,11 @@ def sample(model: Denoiser, x: torch.Tensor, grid, solver, *,
     if isinstance(solver, str) and cond:
         _refuse_solver_options(solver, cond)
     with torch.set_grad_enabled(grad):
-        return _loop(model, x, grid, solver, generator, callback, progress, brownian, cond)
+        return _loop(model, x, grid, solver, generator, callback, progress, brownian, noise, cond)
 
 
-def _loop(model, x, grid, solver, generator, callback, progress, brownian, cond) -> torch.Tensor:
-    run = Run(model, x, grid, solver, generator=generator, brownian=brownian, **cond)
+def _loop(model, x, grid, solver, generator, callback, progress, brownian, noise, cond) -> torch.Tensor:
+    run = Run(model, x, grid, solver, generator=generator, brownian=brownian, noise=noise, **cond)
     knots = run.knots
     if callback is not None:
         run.check_every = 1  # with a callback every step is looked at before the callback sees it

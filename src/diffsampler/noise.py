@@ -12,6 +12,11 @@ mixing function; Box-Muller for the Gaussian). Consequences:
 * the numbers are the same on every device, since they are computed with
   integer arithmetic that is identical on CPU and GPU;
 * no generator state is carried between steps, so a step can be replayed.
+
+``GeneratorNoise`` is the other choice (``sample(..., noise="diffusers")``): each draw is the
+next ``randn`` of the caller's generator(s), exactly as diffusers' schedulers and pipelines draw
+(:func:`diffusers_randn`), so a seed reproduces a diffusers image. It gives up the properties
+above: a sample then depends on its batch and on every earlier draw.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["StepNoise", "BrownianNoise", "sample_keys", "keys_for", "standard_normal", "copy_numbers"]
+__all__ = ["StepNoise", "BrownianNoise", "GeneratorNoise", "NOISE_KINDS", "sample_keys", "keys_for", "standard_normal",
+           "copy_numbers", "diffusers_randn"]
+
+#: The noise a sampling run can draw: keyed per sample (the default) or diffusers' generator draws.
+NOISE_KINDS = ("keyed", "diffusers")
 
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # SplitMix64 multipliers as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
@@ -252,3 +261,49 @@ class BrownianNoise(StepNoise):
 
     def draw(self, step: int, stream: int = 0) -> torch.Tensor:
         return self.between(self.times[step], self.times[step + 1])
+
+
+def diffusers_randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it, for reproducing its images.
+
+    One ``torch.randn`` of the whole shape from ``generator``, or, for a list of generators (one per
+    sample, as diffusers pipelines accept), one row from each. The draw happens on the generator's
+    device and the result moves to ``device`` (a CPU generator seeds the same image on every device).
+    """
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per sample ({shape[0]}), got {len(generator)}")
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator: a list must hold torch.Generator objects only")
+        rows = [torch.randn((1,) + shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        out = torch.cat(rows, 0)
+    else:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, a list of them, or None; "
+                            f"got {type(generator).__name__}")
+        here = generator.device if generator is not None else (device if device is not None else "cpu")
+        out = torch.randn(shape, generator=generator, device=here, dtype=dtype)
+    return out if device is None else out.to(device)
+
+
+class GeneratorNoise:
+    """Noise drawn from the caller's generator(s) in call order, as diffusers' schedulers draw it.
+
+    ``draw(step, stream)`` ignores its arguments and returns the next :func:`diffusers_randn`: the
+    solvers whose diffusers counterpart draws once per step (DDIM with ``eta``, Euler ancestral,
+    DPM-Solver++ SDE) then see diffusers' very numbers. A step cannot be replayed, particles cannot
+    be copied (their copies would need noise of their own), and a Brownian path is not available.
+    """
+
+    def __init__(self, generator, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str):
+        self.generator, self.shape = generator, tuple(shape)
+        self.dtype, self.device = dtype, torch.device(device)
+
+    def draw(self, step: int, stream: int = 0) -> torch.Tensor:
+        return diffusers_randn(self.shape, self.generator, self.dtype, self.device)
+
+    def take(self, indices: torch.Tensor) -> "GeneratorNoise":
+        raise ValueError("noise='diffusers' draws in call order from the caller's generator and cannot follow "
+                         "reindexed particles; steering and other particle methods need noise='keyed'")
