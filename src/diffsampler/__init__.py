@@ -7,7 +7,7 @@
     x0 = ds.sample(model, proc.prior((16, 4, 64, 64), generator=g), grid, "dpmpp_2m", generator=g)
 """
 
-from . import grids, guidance, integrations, inversion, k_diffusion, models, posterior, solvers, steering, testbeds
+from . import calibrate, grids, guidance, integrations, inversion, k_diffusion, models, posterior, solvers, steering, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
 from .loop import NonFiniteError, Run, sample
 from .generate import generate, load_samples
@@ -20,5 +20,5 @@ __all__ = [
     "Process", "VP", "VPDiscrete", "VPLinear", "VPCosine", "EDM", "Flow",
     "Denoiser", "Prediction", "PREDICTIONS",
     "sample", "Run", "NonFiniteError", "generate", "load_samples", "invert", "regenerate", "noise_to",
-    "grids", "guidance", "integrations", "inversion", "k_diffusion", "posterior", "models", "solvers", "steering", "testbeds",
+    "calibrate", "grids", "guidance", "integrations", "inversion", "k_diffusion", "posterior", "models", "solvers", "steering", "testbeds",
 ]
