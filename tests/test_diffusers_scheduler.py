@@ -245,3 +245,53 @@ def test_bad_input_gets_a_clear_error(parts):
         scheduler.step(x, 3.5, x)
     with pytest.raises(ValueError, match="explicit grid has 3 steps"):
         DiffsamplerScheduler.from_config(config, grid=[0.9, 0.5, 0.1, 0.0]).set_timesteps(5)
+
+
+def test_sdxl_with_guidance_and_added_cond_kwargs_equals_sample(parts):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, attention_head_dim=2, cross_attention_dim=6, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=5 + 6 * 4).eval()
+    scheduler = diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    pooled, negative_pooled = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    pipe.scheduler = DiffsamplerScheduler.from_config(scheduler.config, solver="dpmpp_2s_ancestral", grid="karras")
+    theirs = pipe(prompt_embeds=parts["prompt"], negative_prompt_embeds=parts["negative"], pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=negative_pooled, latents=parts["latents"], num_inference_steps=5,
+                  guidance_scale=3.0, output_type="latent", height=16, width=16,
+                  generator=torch.Generator().manual_seed(6)).images
+    # SDXL's micro-conditioning: original size, crop corner, target size (16, 16), (0, 0), (16, 16)
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(2, 1)
+    model = ds.guidance.cfg(from_diffusers(unet, scheduler), 3.0, uncond={
+        "encoder_hidden_states": parts["negative"],
+        "added_cond_kwargs": {"text_embeds": negative_pooled, "time_ids": time_ids}})
+    mine = ds.sample(model, parts["latents"], pipe.scheduler.grid, "dpmpp_2s_ancestral",
+                     generator=torch.Generator().manual_seed(6), encoder_hidden_states=parts["prompt"],
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+    assert rel(theirs, mine) < 1e-5
+    other = ds.sample(model, parts["latents"], pipe.scheduler.grid, "dpmpp_2s_ancestral",
+                      generator=torch.Generator().manual_seed(6), encoder_hidden_states=parts["prompt"],
+                      added_cond_kwargs={"text_embeds": -pooled, "time_ids": time_ids})
+    assert rel(other, mine) > 1e-4  # the pooled embeddings reach the network
+
+
+def test_half_precision_pipelines_sample_in_their_dtype(parts):
+    # bfloat16 on CPU stands in for float16 on a GPU: the run keeps the latents' dtype throughout
+    import copy
+    half = {k: copy.deepcopy(v).to(torch.bfloat16) for k, v in parts.items()}
+    pipe = _pipeline(half)
+    pipe.scheduler = DiffsamplerScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m_sde", grid="karras")
+    theirs = _call(pipe, half, steps=6)
+    assert theirs.dtype == torch.bfloat16 and bool(torch.isfinite(theirs).all())
+    mine = _ours(pipe, half, "dpmpp_2m_sde")
+    assert mine.dtype == torch.bfloat16
+    single = _pipeline(parts)
+    single.scheduler = pipe.scheduler
+    full = _ours(single, parts, "dpmpp_2m_sde")  # the same grid, the float32 network
+    # bfloat16 round-off (8 bits of mantissa over 6 steps, guidance in another order), not another sample
+    assert rel(theirs.float(), full) < 0.1 and rel(mine.float(), full) < 0.1
