@@ -1,7 +1,6 @@
 """``ds.generate`` / ``diffsampler generate``: samples keyed by (seed, index), the same for any number of
 workers, resumable after a kill, refusing a changed configuration, redoing damaged shards."""
 
-import importlib
 import json
 import multiprocessing
 import os
@@ -17,9 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 import diffsampler as ds
+from diffsampler import generation as gen
 from diffsampler.cli import app
-
-gen = importlib.import_module("diffsampler.generate")
 
 # The exact ring8 testbed under a stochastic solver, so the start point and every step's noise matter.
 # 24 samples in 3 shards of 8, batches of 4; labels cycle 0, 5, 2, 0, 5, 2, ...
@@ -264,6 +262,27 @@ def test_cli_generate_resume_refusal_and_labels(tmp_path):
     cycling = runner.invoke(app, args[:-3] + ["--label", "4,6", "--out", str(tmp_path / "cycle"), "--no-progress"])
     assert cycling.exit_code == 0, cycling.output
     assert ds.load_samples(tmp_path / "cycle")["label"].tolist() == [3, 4, 6, 3, 4, 6]
+
+
+def test_cli_default_labels_for_fewer_samples_than_classes(tmp_path):
+    """Every class in turn is cut to the run's size; more --label values than samples is a clear error."""
+    runner = CliRunner()
+    args = ["generate", "--model", "digits", "--num-samples", "4", "--batch", "2", "--shard-size", "4",
+            "--steps", "2", "--no-progress"]
+    done = runner.invoke(app, args + ["--out", str(tmp_path / "few")])
+    assert done.exit_code == 0, done.output
+    assert ds.load_samples(tmp_path / "few")["label"].tolist() == [0, 1, 2, 3]
+    refused = runner.invoke(app, args + ["--label", "1,2,3,4,5", "--out", str(tmp_path / "many")])
+    assert refused.exit_code == 2 and "5 rows for 4 samples" in refused.output, refused.output
+
+
+def test_the_module_is_not_hidden_by_the_function():
+    """``ds.generate`` is the function; its module ``diffsampler.generation`` imports as a module."""
+    import inspect
+
+    import diffsampler.generation as module
+    assert inspect.ismodule(module) and module is gen
+    assert ds.generate is gen.generate and ds.load_samples is gen.load_samples and inspect.isfunction(ds.generate)
 
 
 # The shipped configuration of ds.models.info("digits")["quality"]["dpmpp_2m_20nfe_cfg1"]: dpmpp_2m, 20 steps

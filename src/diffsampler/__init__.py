@@ -10,7 +10,7 @@
 from . import calibrate, grids, guidance, integrations, inversion, k_diffusion, models, posterior, solvers, steering, testbeds
 from .denoiser import PREDICTIONS, Denoiser, Prediction
 from .loop import NonFiniteError, Run, sample
-from .generate import generate, load_samples
+from .generation import generate, load_samples
 from .inversion import invert, noise_to, regenerate
 from .process import EDM, VP, Flow, Process, VPCosine, VPDiscrete, VPLinear
 

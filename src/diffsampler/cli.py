@@ -545,16 +545,15 @@ def generate(
     progress: bool = typer.Option(True, help="Show a progress bar on worker 0."),
 ) -> None:
     """Generate samples into shards, resumably; the same for any number of torchrun workers."""
-    import importlib
     import os
 
+    from . import generation as gen
     from .models.quality import default_grid
-    gen = importlib.import_module("diffsampler.generate")  # the module (ds.generate is its function)
     _choice("solver", solver, _solvers.REGISTRY)
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        setup = gen.shipped(model, labels=gen.parse_labels(label), cfg=cfg, device=device)
+        setup = gen.shipped(model, labels=gen.parse_labels(label), cfg=cfg, device=device, num_samples=num_samples)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     grid = grid or default_grid(setup["model"].process)
@@ -563,6 +562,8 @@ def generate(
         gen.generate(num_samples=num_samples, batch=batch, shard_size=shard_size, grid=grid, steps=steps,
                      solver=solver, seed=seed, out=out, device=device, progress=progress, log=console.print,
                      **setup)
+    except ValueError as err:  # e.g. more --label values than samples
+        raise typer.BadParameter(str(err)) from None
     except gen.GenerateError as err:
         if int(os.environ.get("RANK", "0")) == 0 or isinstance(err, gen.WorkerLost):
             Console(stderr=True).print(f"[bold red]generate:[/] {err}", highlight=False)
@@ -579,8 +580,7 @@ def evaluate(
     model: str = typer.Option(None, help="The digits model sampled (default: the manifest's)."),
 ) -> None:
     """Judge generated digits: the evaluator's class accuracy and the Frechet distance to real digits."""
-    import importlib
-    gen = importlib.import_module("diffsampler.generate")
+    from . import generation as gen
     try:
         result = gen.evaluate(directory, model)
     except (FileNotFoundError, ValueError, gen.GenerateError) as err:

@@ -17,6 +17,7 @@ LAYER_SECTIONS = {
     "steering": ("steering", "SteerResult", "run_steering", "steering_section", "plot_steering"),
     "inversion": ("inversion", "InversionResult", "run_inversion", "inversion_section", "plot_inversion"),
     "posterior": ("posterior", "PosteriorResult", "run_posterior", "posterior_section", None),
+    "generate": ("generate", "GenerateResult", "run_generate", "generate_section", None),
 }
 SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models") + tuple(LAYER_SECTIONS)
 

@@ -4,6 +4,9 @@
                 grid="logsnr", steps=20, solver="dpmpp_2m", seed=0, out="run", cond={"label": labels})
     data = ds.load_samples("run")          # {"samples", "index", "label"} ordered by global index
 
+The module is ``diffsampler.generation``: ``ds.generate`` is its function (a module of that name would be
+hidden by it, ``import diffsampler.generate as m`` giving the function).
+
 Every sample is a function of ``(seed, global index)`` and the configuration alone:
 
 * its start point and every step's noise come from keys made from the seed and its index
@@ -704,14 +707,15 @@ def parse_labels(values) -> list[int] | None:
     return out or None
 
 
-def shipped(name: str, *, labels: list[int] | None = None, cfg: float = 1.0, device="cpu") -> dict:
+def shipped(name: str, *, labels: list[int] | None = None, cfg: float = 1.0, device="cpu",
+            num_samples: int | None = None) -> dict:
     """The keywords of :func:`generate` for the shipped model ``name`` as the command line runs it:
     ``model`` (with classifier-free guidance ``cfg`` for class-conditional ones), ``shape``, ``cond``,
     ``model_id`` and ``extra``.
 
     Labels: one integer per sample, cycling (``[3]``: all threes); none given: every class in turn
-    (sample ``i`` gets class ``i % 10``). ``NULL_LABEL`` (10) asks for the unconditional model.
-    Models without classes take no labels.
+    (sample ``i`` gets class ``i % 10``; for ``num_samples`` under 10 the first ``num_samples`` classes).
+    ``NULL_LABEL`` (10) asks for the unconditional model. Models without classes take no labels.
     """
     from . import models as _models
     from .guidance import cfg as _cfg
@@ -726,7 +730,8 @@ def shipped(name: str, *, labels: list[int] | None = None, cfg: float = 1.0, dev
     conditional = "label" in (spec.conditioning or {})
     cond = None
     if conditional:
-        labels = labels if labels is not None else list(range(10))
+        # the default cycle is cut to the run's size: generate refuses more label rows than samples
+        labels = labels if labels is not None else list(range(min(10, num_samples or 10)))
         bad = [v for v in labels if not 0 <= v <= _models.NULL_LABEL]
         if bad:
             raise ValueError(f"labels of {name} are 0-9 (10: unconditional), got {bad}")
