@@ -39,7 +39,10 @@ def _their_loop(unet, scheduler, x, steps, generator, **step_options):
 CASES = [
     ("ddim", lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True), {"eta": 0.7},
      lambda: ds.solvers.get("ddim", eta=0.7)),
-    ("euler_ancestral", diffusers.EulerAncestralDiscreteScheduler, {}, lambda: "euler_ancestral"),
+    # Stable Diffusion's spacing: with "linspace" diffusers' Euler family starts at sigma_max, not at the
+    # prior's sqrt(sigma_max^2 + 1) (DiffsamplerScheduler(noise="diffusers") reproduces that start too)
+    ("euler_ancestral", lambda: diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="leading", steps_offset=1),
+     {}, lambda: "euler_ancestral"),
     ("dpmpp_2m_sde", lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), {},
      lambda: "dpmpp_2m_sde"),
 ]
@@ -61,7 +64,7 @@ def test_the_same_seed_gives_diffusers_own_sample(unet, name, make_scheduler, st
     g = generator()
     x = ds.noise.diffusers_randn((3, 1, 8, 8), g)
     mine = ds.sample(model, x, grid, solver(), generator=g, noise="diffusers")
-    assert ((mine - theirs).norm() / theirs.norm()).item() < 5e-5
+    assert ((mine - theirs).norm() / theirs.norm()).item() < 1e-5
     keyed = ds.sample(model, x, grid, solver(), generator=generator())
     assert ((keyed - theirs).norm() / theirs.norm()).item() > 0.05  # the default draws its own numbers
 

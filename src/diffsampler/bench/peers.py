@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..denoiser import Denoiser
+from ..integrations.diffusers_grids import grid_from_scheduler
 from ..process import Process, VPDiscrete
 
 __all__ = ["kdiffusion_sampling", "kdiffusion_denoiser", "run_kdiffusion", "run_diffusers",
@@ -100,25 +101,12 @@ def _sigma_space(scheduler) -> bool:
 
 
 def diffusers_grid(scheduler, process: VPDiscrete) -> torch.Tensor:
-    """The process times a discrete-VP scheduler visits (after ``set_timesteps``), ending where it ends."""
-    # diffusers keeps sigmas in float32: clamp the round trip into the process's range.
-    clamp = lambda t: min(max(t, process.t_min), process.t_max)  # noqa: E731
-    if _sigma_space(scheduler):
-        sig = scheduler.sigmas.to(torch.float64)
-        uniq = [float(sig[0])] + [float(b) for a, b in zip(sig[:-1], sig[1:]) if float(b) != float(a)]
-        return torch.tensor([clamp(float(process.t_of_ode_sigma(s))) if s > 0 else 0.0 for s in uniq],
-                            dtype=torch.float64)
-    steps = scheduler.timesteps.to(torch.float64)
-    uniq = [float(steps[0])] + [float(b) for a, b in zip(steps[:-1], steps[1:]) if float(b) != float(a)]
-    times = [float(process.t_of_timestep(ts)) for ts in uniq]
-    sigmas = getattr(scheduler, "sigmas", None)
-    final_zero = (float(sigmas[-1]) == 0.0) if sigmas is not None else bool(
-        getattr(scheduler.config, "set_alpha_to_one", True))
-    if final_zero:
-        times.append(0.0)
-    elif sigmas is not None:
-        times.append(clamp(float(process.t_of_ode_sigma(float(sigmas[-1])))))
-    return torch.tensor(times, dtype=torch.float64)
+    """The process times a discrete-VP scheduler visits after its ``set_timesteps``, ending where it ends.
+
+    :func:`~diffsampler.integrations.diffusers_grids.grid_from_scheduler` for the scheduler's
+    current number of steps, in times of ``process``.
+    """
+    return grid_from_scheduler(scheduler, scheduler.num_inference_steps, process=process)
 
 
 def run_diffusers(scheduler, model: Denoiser, x: torch.Tensor, steps: int, generator=None, **cond) -> torch.Tensor:
@@ -173,8 +161,5 @@ def run_diffusers_flow(scheduler, model: Denoiser, x: torch.Tensor, steps: int) 
 
 
 def diffusers_flow_grid(scheduler, process: Process) -> torch.Tensor:
-    """The distinct times a flow scheduler visits (after ``set_timesteps``)."""
-    sig = scheduler.sigmas.to(torch.float64).tolist()
-    uniq = [sig[0]] + [b for a, b in zip(sig[:-1], sig[1:]) if b != a]
-    return torch.tensor([min(max(s, process.t_min), process.t_max) if s > 0 else 0.0 for s in uniq],
-                        dtype=torch.float64)
+    """The distinct times a flow scheduler visits after its ``set_timesteps`` (see :func:`diffusers_grid`)."""
+    return grid_from_scheduler(scheduler, scheduler.num_inference_steps, process=process)

@@ -42,7 +42,7 @@ from ..denoiser import Denoiser, _coefficients, convert_prediction, prediction_m
 from ..loop import Run
 from ..noise import NOISE_KINDS
 from ..process import Flow
-from .diffusers_models import PREDICTION_TYPES, process_from_config
+from .diffusers_models import PREDICTION_TYPES, DiffusersDenoiser, diffusers_denoiser
 
 __all__ = ["DiffsamplerScheduler", "DiffsamplerSchedulerOutput"]
 
@@ -166,8 +166,8 @@ class _SolverThread:
         try:
             with torch.no_grad():
                 sched = self._scheduler
-                model = Denoiser(self._network, sched.process, sched.prediction, time_input=sched.time_input,
-                                 name="diffusers pipeline")
+                model = diffusers_denoiser(self._network, sched.base_scheduler_config(), name="diffusers pipeline",
+                                           corrections=sched._reading.corrections)
                 run = Run(model, x, grid, sched.solver, generator=generator, noise=sched.config.noise)
                 while not run.done:
                     _, sample, output = self._receive()
@@ -282,16 +282,11 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
                             f"{type(grid).__name__}")
         if isinstance(grid, str) and grid not in _grids.names():
             raise ValueError(f"DiffsamplerScheduler: unknown grid {grid!r}; valid grids: {', '.join(_grids.names())}")
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"DiffsamplerScheduler: prediction_type {prediction_type!r} is not one of "
+                             f"{sorted(PREDICTION_TYPES)}")
         self._base = base
-        config = {**dict(self.config), "_class_name": base_scheduler}
-        self.process = process_from_config(config)
-        kind = prediction_type or ("flow_prediction" if isinstance(self.process, Flow) else "epsilon")
-        if kind not in PREDICTION_TYPES:
-            raise ValueError(f"DiffsamplerScheduler: prediction_type {kind!r} is not one of {sorted(PREDICTION_TYPES)}")
-        self.prediction = PREDICTION_TYPES[kind]
-        # resolved in the config too, so that from_diffusers(unet, this scheduler) reads the same model
-        self.register_to_config(prediction_type=kind)
-        self.time_input = network_time_input(self.process, config)
+        self._reading_cache: DiffusersDenoiser | None = None
         self.init_noise_sigma = 1.0
         self.grid: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
@@ -342,12 +337,47 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
                                  f"{sorted(own - {'num_train_timesteps'})}, the options of solver {solver!r} "
                                  f"({', '.join(sorted(solver_keys)) or 'none'}), or keys of the scheduler config")
         kwargs["solver_options"] = options or None
-        return super().from_config(config, return_unused_kwargs, **kwargs)
+        out = super().from_config(config, return_unused_kwargs, **kwargs)
+        (out[0] if return_unused_kwargs else out)._reading  # read the model now, with every key of the config
+        return out
 
-    def _base_scheduler(self):
+    @property
+    def _reading(self) -> DiffusersDenoiser:
+        """The model's reading of the source scheduler: process, prediction type, time input and its
+        data-estimate corrections (clip_sample, thresholding, ...), as from_diffusers reads them. Read on
+        first use: from_config registers the source's other keys after __init__."""
+        if self._reading_cache is None:
+            self._reading_cache = diffusers_denoiser(_pipeline_network, self.base_scheduler_config(),
+                                                     name="diffusers pipeline")
+            # resolved in the config too, so that from_diffusers(unet, this config) reads the same model
+            self.register_to_config(prediction_type={v: k for k, v in PREDICTION_TYPES.items()}[
+                self._reading_cache.prediction])
+        return self._reading_cache
+
+    @property
+    def process(self):
+        return self._reading.process
+
+    @property
+    def prediction(self) -> str:
+        return self._reading.prediction
+
+    @property
+    def time_input(self):
+        return self._reading.time_input
+
+    def base_scheduler_config(self) -> dict:
+        """The config of the scheduler this one was built from (its class as ``_class_name``): what
+        ``from_diffusers`` and ``grid_from_scheduler`` read when handed this scheduler."""
         own = set(inspect.signature(type(self).__init__).parameters) - set(
             inspect.signature(self._base.__init__).parameters)
-        return self._base.from_config({k: v for k, v in self.config.items() if k not in own})
+        config = {k: v for k, v in self.config.items() if k not in own and not k.startswith("_")}
+        if config.get("prediction_type") is None:
+            config.pop("prediction_type", None)
+        return {**config, "_class_name": self._base.__name__}
+
+    def _base_scheduler(self):
+        return self._base.from_config(self.base_scheduler_config())
 
     # -- the grid and its evaluations --------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
@@ -364,11 +394,32 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
             k += len(step)
         self.num_inference_steps = len(plan)
         self.order = self.solver.nfe_per_step
+        self.init_noise_sigma = self._start_scale(num_inference_steps, sigmas, timesteps, mu)
         times = torch.tensor(self._times, dtype=torch.float64)
         self.timesteps = torch.as_tensor(self.time_input(times), dtype=torch.float32).to(device)
         self.sigmas = torch.cat([self.process.ode_sigma(times), self.process.ode_sigma(grid[-1:])]).to(
             device=device, dtype=torch.float32)
         self._step_index = self._begin_index = None
+
+    def _start_scale(self, steps, sigmas, timesteps, mu) -> float:
+        """The standard deviation of the start latent the pipeline draws (``randn * init_noise_sigma``).
+
+        1 in the model's coordinates, the prior's. With ``noise="diffusers"`` the source scheduler's own
+        start instead, seen in the model's coordinates (its ``init_noise_sigma`` times the factor its
+        ``scale_model_input`` applies, the EDM scale's ``1 / sqrt(sigma^2 + 1)``), so that a seed draws
+        diffusers' start, quirks included: its Euler family with "linspace" or "trailing" spacing starts
+        at ``sigma_max`` instead of ``sqrt(sigma_max^2 + 1)``, 0.2% small on SD's schedule.
+        """
+        if self.config.noise != "diffusers":
+            return 1.0
+        base = self._base_scheduler()
+        accepted = inspect.signature(base.set_timesteps).parameters
+        options = {k: v for k, v in (("sigmas", sigmas), ("timesteps", timesteps), ("mu", mu))
+                   if v is not None and k in accepted}
+        base.set_timesteps(steps, **options) if steps is not None or not options else base.set_timesteps(**options)
+        first = base.timesteps[0]
+        factor = float(base.scale_model_input(torch.ones(1), first)) if hasattr(base, "scale_model_input") else 1.0
+        return float(base.init_noise_sigma) * factor
 
     def _make_grid(self, steps, sigmas, timesteps, mu) -> torch.Tensor:
         grid = self.config.grid
@@ -464,8 +515,7 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
         elif kind == "query" and (k + 1) in self._starts or kind == "stepped" and (k + 1) not in self._starts:
             raise RuntimeError("DiffsamplerScheduler: the solver's evaluations differ from its dry run "
                                f"at evaluation {k + 1}")
-        denoised = convert_prediction(model_output.to(sample.dtype), sample, self.prediction, self.process,
-                                      self._times[k]).x0
+        denoised = self._denoised(model_output, sample, self._times[k])
         if not return_dict:
             return (x, denoised)
         return DiffsamplerSchedulerOutput(prev_sample=x, pred_original_sample=denoised)
@@ -492,6 +542,13 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
                                  f"starts at step {first} (its warm-up), so it cannot start mid-grid as "
                                  f"image-to-image asks; use a solver without warm-up evaluations")
         self._run = _SolverThread(self, sample, grid, generator, self._times[k:])
+
+    def _denoised(self, output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
+        """The data estimate of the network's ``output`` at ``sample``, corrected as the run corrects it."""
+        pred = convert_prediction(output.to(sample.dtype), sample, self.prediction, self.process, t)
+        for correct in self._reading.corrections:
+            pred = correct(pred, sample, t)
+        return pred.x0
 
     def _reexpress(self, output: torch.Tensor, seen: torch.Tensor, asked: torch.Tensor, t: float) -> torch.Tensor:
         """The output at ``seen`` re-expressed at ``asked`` with the same data estimate.
@@ -549,10 +606,5 @@ def _is_flux_default(sigmas) -> bool:
     return n > 0 and torch.allclose(values, torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64), atol=1e-6)
 
 
-def network_time_input(process, config: dict):
-    """The timestep a diffusers network gets at process time ``t``: ``N t`` for flows (diffusers'
-    ``sigma * num_train_timesteps``), the training timestep ``N t - 1`` for discrete VP."""
-    if isinstance(process, Flow):
-        scale = float(config.get("num_train_timesteps", 1000))
-        return lambda t: t * scale
-    return process.time_input
+def _pipeline_network(x, timestep, **cond):
+    raise RuntimeError("the scheduler's reading of the model is not called: a run's network is the pipeline")
