@@ -295,3 +295,72 @@ def test_half_precision_pipelines_sample_in_their_dtype(parts):
     full = _ours(single, parts, "dpmpp_2m_sde")  # the same grid, the float32 network
     # bfloat16 round-off (8 bits of mantissa over 6 steps, guidance in another order), not another sample
     assert rel(theirs.float(), full) < 0.1 and rel(mine.float(), full) < 0.1
+
+
+# -- the tiny pipelines with their text encoders (tests/tiny_pipelines.py): prompts as users pass them ----------
+
+def test_sd3_and_flux_pipelines_run_the_adapter_and_equal_sample():
+    import numpy as np
+    import tiny_pipelines as tiny
+    from diffsampler.integrations import grid_from_scheduler
+
+    prompt, steps, batch = "a cat", 4, 2
+    # SD3: true classifier-free guidance in the pipeline, the default grid (the scheduler's own, shifted)
+    pipe = tiny.sd3()
+    x = torch.randn(batch, 4, tiny.HEIGHT // 2, tiny.WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    source = pipe.scheduler
+    pipe.scheduler = DiffsamplerScheduler.from_config(source.config, solver="dpmpp_2m")
+    theirs = pipe(prompt=prompt, negative_prompt="", num_inference_steps=steps, height=tiny.HEIGHT, width=tiny.WIDTH,
+                  latents=x, guidance_scale=3.0, max_sequence_length=8, num_images_per_prompt=batch,
+                  output_type="latent").images
+    torch.testing.assert_close(pipe.scheduler.grid, grid_from_scheduler(source, steps), rtol=0, atol=1e-12)
+    text, neg_text, pooled, neg_pooled = pipe.encode_prompt(prompt, prompt, prompt, negative_prompt="",
+                                                            num_images_per_prompt=batch, max_sequence_length=8,
+                                                            do_classifier_free_guidance=True)
+    model = ds.guidance.cfg(from_diffusers(pipe.transformer, source), 3.0,
+                            uncond={"encoder_hidden_states": neg_text, "pooled_projections": neg_pooled})
+    mine = ds.sample(model, x, pipe.scheduler.grid, "dpmpp_2m", encoder_hidden_states=text, pooled_projections=pooled)
+    assert rel(theirs, x) > 1e-2 and rel(theirs, mine) < 1e-5
+    # Flux (guidance-distilled): the pipeline passes sigmas and the token count's mu; a two-evaluation solver
+    pipe = tiny.flux(guidance_embeds=True)
+    packed, img_ids = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, tiny.HEIGHT, tiny.WIDTH,
+                                           torch.float32, "cpu", torch.Generator().manual_seed(1))
+    source = pipe.scheduler
+    pipe.scheduler = DiffsamplerScheduler.from_config(source.config, solver="heun")
+    theirs = pipe(prompt=prompt, num_inference_steps=steps, height=tiny.HEIGHT, width=tiny.WIDTH, latents=packed,
+                  guidance_scale=3.5, max_sequence_length=8, num_images_per_prompt=batch, output_type="latent").images
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    c = source.config
+    mu = calculate_shift(packed.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    expected = grid_from_scheduler(source, steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    torch.testing.assert_close(pipe.scheduler.grid, expected, rtol=0, atol=1e-12)
+    assert len(pipe.scheduler.timesteps) == 2 * steps - 1
+    text, pooled, _ = pipe.encode_prompt(prompt, prompt, num_images_per_prompt=batch, max_sequence_length=8)
+    mine = ds.sample(from_diffusers(pipe.transformer, source), packed, expected, "heun", encoder_hidden_states=text,
+                     pooled_projections=pooled, img_ids=img_ids, guidance=torch.full((batch,), 3.5))
+    assert rel(theirs, packed) > 1e-2 and rel(theirs, mine) < 1e-5
+
+
+def test_prompts_img2img_and_inpainting_run_end_to_end_through_the_adapter():
+    import tiny_pipelines as tiny
+
+    for build, extra in ((tiny.sd, {}), (tiny.sd_img2img, {"image": tiny.image(), "strength": 0.6}),
+                         (tiny.sd_inpaint, {"image": tiny.image(), "mask_image": tiny.mask(), "strength": 1.0})):
+        pipe = build()
+        for solver in ("dpmpp_2m", "dpmpp_2s_ancestral"):
+            pipe.scheduler = DiffsamplerScheduler.from_config(pipe.scheduler.config, solver=solver)
+            out = pipe(prompt="a cat", negative_prompt="a dog", num_inference_steps=5, height=tiny.HEIGHT,
+                       width=tiny.WIDTH, output_type="pt", generator=torch.Generator().manual_seed(0), **extra).images
+            assert out.shape == (1, 3, tiny.HEIGHT, tiny.WIDTH) and bool(torch.isfinite(out).all()), build.__name__
+    # inpainting keeps the unmasked half: the pipeline blends the known latents back in after every step (the last
+    # one with the clean latents), so there every solver ends on the same values and elsewhere they part
+    pipe = tiny.sd_inpaint()
+    ends = []
+    for solver in ("dpmpp_2m", "heun"):
+        pipe.scheduler = DiffsamplerScheduler.from_config(pipe.scheduler.config, solver=solver)
+        ends.append(pipe(prompt="a cat", image=tiny.image(), mask_image=tiny.mask(), num_inference_steps=5,
+                         height=tiny.HEIGHT, width=tiny.WIDTH, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).images)
+    half = ends[0].shape[-1] // 2
+    torch.testing.assert_close(ends[0][..., half + 1:], ends[1][..., half + 1:])
+    assert rel(ends[0][..., :half], ends[1][..., :half]) > 1e-3

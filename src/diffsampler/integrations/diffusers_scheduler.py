@@ -191,12 +191,15 @@ _PREFERRED = ("DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler", "FlowMat
 def _infer_class(config: dict) -> str:
     """The diffusers scheduler class a config without ``_class_name`` came from.
 
-    A scheduler built in code (``PNDMScheduler(...)``) registers every argument of its ``__init__`` and
-    no class name, so the class is the one whose arguments are exactly the config's keys.
+    A scheduler built in code (``PNDMScheduler(...)``, or ``from_config`` of a dict without a class name)
+    registers every argument of its ``__init__`` and no class name, and ``from_config`` adds the keys it
+    did not take: the class is one whose arguments are all among the config's keys, and which has every
+    argument the config lists as defaulted (``_use_default_values``); of those, the one with the most.
     """
     import diffusers
     keys = {k for k in config if not k.startswith("_")}
-    matches = []
+    defaulted = set(config.get("_use_default_values") or ())
+    matches, size = [], 0
     for name in dir(diffusers):
         cls = getattr(diffusers, name, None)
         if isinstance(cls, type) and issubclass(cls, SchedulerMixin) and cls is not SchedulerMixin:
@@ -204,8 +207,8 @@ def _infer_class(config: dict) -> str:
                 params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
             except (TypeError, ValueError):
                 continue
-            if params == keys:
-                matches.append(name)
+            if params <= keys and defaulted <= params and len(params) >= size:
+                matches, size = ([] if len(params) > size else matches) + [name], len(params)
     if not matches:
         raise ValueError("DiffsamplerScheduler.from_config: the config names no scheduler class (_class_name) and "
                          "matches none by its keys; pass base_scheduler='<diffusers scheduler class name>'")
@@ -310,6 +313,8 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
         """
         if isinstance(config, str) or config is None:
             return super().from_config(config, return_unused_kwargs, **kwargs)
+        if isinstance(config, SchedulerMixin):  # the scheduler itself: its class is known
+            config = {**config.config, "_class_name": type(config).__name__}
         config = dict(config)
         source = config.get("_class_name") or (cls.__name__ if "base_scheduler" in config else _infer_class(config))
         if source != cls.__name__:
