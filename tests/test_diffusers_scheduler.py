@@ -364,3 +364,22 @@ def test_prompts_img2img_and_inpainting_run_end_to_end_through_the_adapter():
     half = ends[0].shape[-1] // 2
     torch.testing.assert_close(ends[0][..., half + 1:], ends[1][..., half + 1:])
     assert rel(ends[0][..., :half], ends[1][..., :half]) > 1e-3
+
+
+def test_the_readmes_diffusers_recipes_run(tmp_path):
+    import re
+    from pathlib import Path
+
+    import tiny_pipelines as tiny
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## diffusers pipelines and models", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    namespace = {"pipe": tiny.sd(), "path": tiny.save_sd(tmp_path / "sd"), "height": tiny.HEIGHT,
+                 "width": tiny.WIDTH, "picture": tiny.image()}
+    for block in blocks:
+        exec(compile(block, "README.md (diffusers pipelines and models)", "exec"), namespace)  # noqa: S102
+    assert namespace["image"].shape == (1, 3, tiny.HEIGHT, tiny.WIDTH)
+    assert namespace["latents"].shape == (1, 4, tiny.HEIGHT // 2, tiny.WIDTH // 2)
+    assert bool(torch.isfinite(namespace["latents"]).all())
