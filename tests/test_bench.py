@@ -28,14 +28,16 @@ def _results(data):
 def quick_run(tmp_path_factory):
     """The whole quick bench; the second layer's sections at the tiny sizes of their own tests
     (tests/test_bench_steering.py and the others check those sections' rows: here, the report)."""
+    from test_bench_generate import TINY as GENERATE
     from test_bench_inversion import TINY as INVERSION
     from test_bench_steering import TINY as STEERING
 
-    from diffsampler.bench import inversion, posterior, run, steering
+    from diffsampler.bench import generate, inversion, posterior, run, steering
     root = tmp_path_factory.mktemp("bench")
     tiny_posterior = dict(posterior.QUICK, steps=(25,), digits_images=1, digits_particles=2, digits_steps=5)
     with pytest.MonkeyPatch.context() as mp:
-        for module, size in ((steering, STEERING), (inversion, INVERSION), (posterior, tiny_posterior)):
+        for module, size in ((steering, STEERING), (inversion, INVERSION), (posterior, tiny_posterior),
+                             (generate, GENERATE)):
             mp.setattr(module, "QUICK", size)
         return root, run(quick=True, root=root, log=lambda s: None).read_text()
 

@@ -19,12 +19,8 @@ peers = pytest.importorskip("diffsampler.bench.peers")
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    net = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=4)
-    return net.eval().requires_grad_(False)
+    from test_integrations import _unet
+    return _unet()
 
 
 def _their_loop(unet, scheduler, x, steps, generator, **step_options):
