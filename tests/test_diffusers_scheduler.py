@@ -84,7 +84,10 @@ def test_solver_options_travel_in_the_config_and_survive_save_and_load(parts, tm
     by_keyword = DiffsamplerScheduler.from_config(config, solver="unipc", grid="karras", solver_order=3, variant="bh2")
     by_object = DiffsamplerScheduler.from_config(config, solver=ds.solvers.get("unipc", solver_order=3, variant="bh2"),
                                                  grid="karras")
-    assert by_keyword.solver == by_object.solver == ds.solvers.get("unipc", solver_order=3, variant="bh2")
+    direct = DiffsamplerScheduler(solver=ds.solvers.get("unipc", solver_order=3, variant="bh2"), grid="karras")
+    assert by_keyword.solver == by_object.solver == direct.solver == ds.solvers.get("unipc", solver_order=3,
+                                                                                    variant="bh2")
+    assert direct.config.solver == "unipc" and direct.config.solver_options["variant"] == "bh2"
     by_keyword.save_pretrained(tmp_path)
     loaded = DiffsamplerScheduler.from_pretrained(tmp_path)
     assert loaded.solver == by_keyword.solver and loaded.config.base_scheduler == "PNDMScheduler"
@@ -215,7 +218,7 @@ def test_sampling_keeps_no_autograd_state_however_many_steps(parts):
             out = ds.sample(model, parts["latents"], grid, "dpmpp_2m", encoder_hidden_states=parts["prompt"], **options)
         return out, sum(saved)
 
-    (short, short_bytes), (long, long_bytes) = run(5), run(30)
+    (_, short_bytes), (long, long_bytes) = run(5), run(30)
     assert short_bytes == long_bytes == 0 and not long.requires_grad and long.grad_fn is None
     (_, with_grad_5), (_, with_grad_30) = run(5, grad=True), run(30, grad=True)
     assert with_grad_30 > 5 * with_grad_5 > 0  # what grad=False saves: activations growing with the steps

@@ -271,8 +271,10 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
                  base_scheduler: str = "DDIMScheduler"):
         base = _base_class(base_scheduler)
         if isinstance(solver, _solvers.Solver):
-            raise TypeError("DiffsamplerScheduler: pass a solver object through from_config(..., solver=obj) or as "
-                            "solver=<name>, solver_options={...} (the config is saved as JSON)")
+            # the config is saved as JSON: keep the object's name and options there
+            solver_options = {**_options_of(solver), **(solver_options or {})}
+            solver = solver.name
+            self.register_to_config(solver=solver, solver_options=solver_options)
         self.solver = _solvers.get(solver, **(solver_options or {}))
         if self.solver.adaptive:
             raise ValueError(f"DiffsamplerScheduler: solver {solver!r} is adaptive (it picks its own steps while it "
@@ -323,7 +325,7 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
         solver = kwargs.get("solver", config.get("solver", "dpmpp_2m"))
         options = dict(kwargs.pop("solver_options", None) or config.get("solver_options") or {})
         if isinstance(solver, _solvers.Solver):
-            options = {**{f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)}, **options}
+            options = {**_options_of(solver), **options}
             kwargs["solver"] = solver = solver.name
         own = set(inspect.signature(cls.__init__).parameters) - {"self"}
         base_keys = set(inspect.signature(_base_class(kwargs.get("base_scheduler", config.get(
@@ -609,6 +611,11 @@ def _is_flux_default(sigmas) -> bool:
     values = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     n = len(values)
     return n > 0 and torch.allclose(values, torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64), atol=1e-6)
+
+
+def _options_of(solver) -> dict:
+    """A solver object's options, to rebuild it with ``ds.solvers.get(solver.name, **options)``."""
+    return {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)}
 
 
 def _pipeline_network(x, timestep, **cond):
