@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import solvers as _solvers
+from . import dc
 from .ays import AYS
 from .base import GridMethod, check_model, check_start, resolve_solver, steps_for_budget
 from .dmn import DMN, dmn_objective
 from .dp import layered_path, path_cost, shortest_path
+from .ems import ModelStatistics, ems, statistics_grid
 from .gits import GITS
 from .oss import OSS
 
-__all__ = ["grid", "METHODS", "GridMethod", "GITS", "OSS", "DMN", "AYS", "shortest_path", "layered_path",
+__all__ = ["grid", "ems", "ModelStatistics", "statistics_grid", "dc", "METHODS", "GridMethod", "GITS", "OSS", "DMN", "AYS", "shortest_path", "layered_path",
            "path_cost", "dmn_objective", "resolve_method"]
 
 METHODS: dict[str, type[GridMethod]] = {"gits": GITS, "oss": OSS, "dmn": DMN, "ays": AYS}

@@ -14,6 +14,8 @@ from .cfgpp import (DPMpp2MCFGpp, DPMpp2SAncestralCFGpp, EulerAncestralCFGpp, Eu
                     RESMultistepAncestralCFGpp, RESMultistepCFGpp)
 from .ddim import DDIM, DDPM, LCM, EulerAncestral
 from .dpm_solver import DPMSolver
+from .dpm_solver_v3 import DPMSolverV3
+from .dc_solver import DCSolver
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp3M, DPMpp3MSDE, RESMultistep, RESMultistepAncestral
 from .dpmpp_sde import DPMppSDE
 from .karras import DPM2, Euler, Heun
@@ -34,7 +36,7 @@ __all__ = ["Knots", "Solver", "REGISTRY", "ALIASES", "ALIAS_GRIDS", "names", "ge
            "DPMSolverSinglestep", "DPMppSinglestep", "SEEDS2", "SEEDS3", "ERSDE",
            "GradientEstimation", "PLMS", "HeunPP2", "SASolver", "SASolverPECE", "PNDM", "DPMpp2MCFGpp", "DPMAdaptive",
            "DPMpp2SAncestralCFGpp", "RESMultistepAncestral", "RESMultistepCFGpp", "RESMultistepAncestralCFGpp",
-           "GradientEstimationCFGpp"]
+           "GradientEstimationCFGpp", "DPMSolverV3", "DCSolver"]
 
 REGISTRY: dict[str, type[Solver]] = {
     "er_sde": ERSDE,
@@ -48,7 +50,9 @@ REGISTRY: dict[str, type[Solver]] = {
     "dpm_2": DPM2,
     "dpm_2_ancestral": DPM2Ancestral,
     "dpm_adaptive": DPMAdaptive,
+    "dc_solver": DCSolver,
     "dpm_solver": DPMSolver,
+    "dpm_solver_v3": DPMSolverV3,
     "dpm_solver_singlestep": DPMSolverSinglestep,
     "deis": DEIS,
     "dpmpp_2s": DPMpp2S,
