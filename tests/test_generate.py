@@ -305,3 +305,56 @@ def test_evaluate_reproduces_the_shipped_figures(tmp_path):
     assert abs(result["frechet_distance"] - ref["frechet_distance"]) <= 4.0
     shown = runner.invoke(app, ["evaluate", str(tmp_path), "--model", "digits"])
     assert shown.exit_code == 0 and "Frechet distance" in shown.output and "98.6%" in shown.output
+
+
+def test_the_literal_torchrun_form_runs_from_any_directory(tmp_path):
+    """``torchrun --nproc-per-node 2 -- diffsampler generate ...``, neither ``-m`` nor ``--no-python`` (issue
+    18's spelling): torchrun starts each worker as ``python -u diffsampler ...``, which would look for a file
+    ``./diffsampler``; the startup hook ``diffsampler-torchrun.pth`` (see ``diffsampler/_torchrun.py``) makes it
+    ``python -u -m diffsampler ...``. Run from an empty directory; the hook leaves every other start alone."""
+    import site
+
+    from diffsampler import _torchrun
+
+    pth = "diffsampler-torchrun.pth"
+    if not any(Path(d, pth).is_file() for d in [*site.getsitepackages(), site.getusersitepackages()]):
+        pytest.skip(f"{pth} is not in this environment's site-packages (it comes with `pip install .` or "
+                    "`pip install -e .` of this version)")
+    if os.name != "posix":
+        pytest.skip("the hook replaces the worker with os.execv, POSIX only")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = _env()
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    env.pop("PYTHON_EXEC", None)
+
+    # When it fires, and when not: only `-u diffsampler` under torchrun with no ./diffsampler of any kind.
+    run = {"TORCHELASTIC_RUN_ID": "x"}
+    assert _torchrun.worker_command(["py", "-u", "diffsampler", "generate"], run, "/py", lambda p: False) == [
+        "/py", "-u", "-m", "diffsampler", "generate"]
+    assert _torchrun.worker_command(["py", "-u", "diffsampler"], {}, "/py", lambda p: False) is None
+    assert _torchrun.worker_command(["py", "-u", "diffsampler"], run, "/py", lambda p: True) is None
+    assert _torchrun.worker_command(["py", "diffsampler"], run, "/py", lambda p: False) is None
+    assert _torchrun.worker_command(["py", "-u", "-m", "diffsampler"], run, "/py", lambda p: False) is None
+    plain = subprocess.run([sys.executable, "-u", "diffsampler"], cwd=empty, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert plain.returncode != 0 and "can't open file" in plain.stderr, plain.stderr  # not under torchrun
+    (tmp_path / "local" / "diffsampler").mkdir(parents=True)
+    (tmp_path / "local" / "diffsampler" / "__main__.py").write_text("print('the local one')\n")
+    local = subprocess.run([sys.executable, "-u", "diffsampler"], cwd=tmp_path / "local", env={**env, **run},
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 0 and local.stdout == "the local one\n", local.stdout + local.stderr
+
+    # --standalone picks a free port (the static default, 29500, may be taken); the worker command is the same.
+    out = tmp_path / "out"
+    cmd = [*launcher, "--standalone", "--nproc-per-node", "2", "--", "diffsampler", "generate", "--model",
+           "digits", "--num-samples", "4", "--batch", "2", "--shard-size", "2", "--steps", "2", "--seed", "0",
+           "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, cwd=empty, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    manifest = json.loads((out / gen.MANIFEST).read_text())
+    assert manifest["last_run"]["workers"] == 2 and manifest["complete"]
+    assert ds.load_samples(out)["samples"].shape == (4, 1, 8, 8)
+    assert list(empty.iterdir()) == []
