@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import grids as _grids
+from .calibrate import cli as _calibrate_cli
 from . import solvers as _solvers
 from . import testbeds as _testbeds
 from .loop import sample as _sample
@@ -595,6 +596,10 @@ def evaluate(
                                                       f"{ref['frechet_distance']:.2f} ({ref['key']})"))
     for name, value in rows:
         console.print(f"  {name:<31} {value}")
+
+
+# `diffsampler calibrate`: its options and output live with the calibration code
+app.command("calibrate")(_calibrate_cli.command)
 
 
 def main() -> None:

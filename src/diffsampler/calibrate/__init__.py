@@ -80,3 +80,11 @@ def grid(model, x: torch.Tensor, solver, nfe: int, *, method="gits", **cond) -> 
     if len(out) != steps + 1:
         raise RuntimeError(f"calibrate: method {method.name!r} returned {len(out) - 1} steps, {steps} were asked")
     return out
+
+
+# search.py and first_step.py import this package's grid methods: bound after them
+from .first_step import AnalyticalFirstStep, GaussianStats  # noqa: E402
+from .search import Calibration, Plan, SearchSpace, load_plan, search, shipped_plans  # noqa: E402
+
+__all__ += ["search", "Plan", "SearchSpace", "Calibration", "load_plan", "shipped_plans", "AnalyticalFirstStep",
+            "GaussianStats"]

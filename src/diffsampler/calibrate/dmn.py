@@ -111,7 +111,8 @@ class DMN(GridMethod):
         span = lam_lo - lam_hi
 
         def knots(u):
-            inc = np.exp(u - u.max())
+            # floored: two equal knots would make the Lagrange weights divide by zero
+            inc = np.exp(u - u.max()) + 1e-12
             return np.concatenate([[lam_hi], lam_hi + span * np.cumsum(inc / inc.sum())])
 
         res = minimize(lambda u: dmn_objective(knots(u), order), np.zeros(steps), method="L-BFGS-B")
