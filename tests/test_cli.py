@@ -29,3 +29,11 @@ def test_sample_rejects_unknown_names(tmp_path):
     assert result.exit_code != 0
     assert "unknown solver 'nope'" in result.output
     assert "ddim" in result.output and "dpmpp_2m" in result.output
+
+
+def test_bench_help_names_every_section():
+    from diffsampler.bench import SECTIONS
+    result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    words = " ".join(result.output.replace("│", " ").split())
+    assert all(name in words for name in SECTIONS), words

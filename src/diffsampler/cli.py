@@ -185,8 +185,8 @@ def bench(
                                         "directory; a new scratch folder with --quick)."),
     rewrite: bool = typer.Option(False, "--rewrite", help="Only regenerate the report from benchmarks/results.json."),
     section: list[str] = typer.Option(None, "--section", help="Re-run only these sections (accuracy, adaptive, "
-                                      "distribution, overhead, models, steering, inversion, posterior); the "
-                                      "others are read from benchmarks/results.json."),
+                                      "distribution, overhead, models, steering, inversion, posterior, generate, "
+                                      "calibration); the others are read from benchmarks/results.json."),
 ) -> None:
     """Accuracy per NFE and overhead per step against diffusers and k-diffusion; writes BENCHMARKS.md."""
     from . import bench as _bench

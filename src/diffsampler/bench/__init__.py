@@ -18,6 +18,7 @@ LAYER_SECTIONS = {
     "inversion": ("inversion", "InversionResult", "run_inversion", "inversion_section", "plot_inversion"),
     "posterior": ("posterior", "PosteriorResult", "run_posterior", "posterior_section", None),
     "generate": ("generate", "GenerateResult", "run_generate", "generate_section", None),
+    "calibration": ("calibration", "CalibrationResult", "run_calibration", "calibration_section", None),
 }
 SECTIONS = ("accuracy", "adaptive", "distribution", "overhead", "models") + tuple(LAYER_SECTIONS)
 
