@@ -372,6 +372,23 @@ def test_ays_is_comfyuis_log_linear_interpolation_of_the_published_levels(model,
     _assert_levels(p, ds.grids.ays(p, steps, model), comfy_ays(ds.grids.AYS_NOISE_LEVELS[model], steps), tol=1e-11)
 
 
+@pytest.mark.parametrize("model, theirs, tol", [("SD1", "StableDiffusionSigmas", 4e-3),
+                                                ("SDXL", "StableDiffusionXLSigmas", 2e-2),
+                                                ("SVD", "StableDiffusionVideoSigmas", 1e-9)])
+def test_ays_tables_agree_with_diffusers_to_its_rounding(model, theirs, tol):
+    # diffusers keeps the 10-step tables to three decimals (its last level is 0, ours the published
+    # sigma_min, which the grid replaces by 0 as both do): SVD's is ours exactly, SD1's within 0.32%
+    # (0.399 against 0.3977, a little more than rounding), and its SDXL table differs from the paper's and
+    # ComfyUI's (ours) by up to 1.4% (0.113 / 1.342 / 3.771 against 0.1114 / 1.3405 / 3.7682).
+    tables = pytest.importorskip("diffusers.schedulers.scheduling_utils").AysSchedules
+    diffusers_levels = torch.tensor(tables[theirs][:-1], dtype=torch.float64)
+    ours = torch.tensor(ds.grids.AYS_NOISE_LEVELS[model][:-1], dtype=torch.float64)
+    relative = ((ours - diffusers_levels).abs() / ours).max().item()
+    assert relative < tol
+    if model == "SDXL":
+        assert relative > 5e-3  # the difference is real, not rounding
+
+
 def test_comfyui_names_relate_to_ours_as_documented():
     p = ds.VP.scaled_linear()
     for n in (5, 10, 40):
