@@ -386,3 +386,42 @@ def test_the_readmes_diffusers_recipes_run(tmp_path):
     assert namespace["image"].shape == (1, 3, tiny.HEIGHT, tiny.WIDTH)
     assert namespace["latents"].shape == (1, 4, tiny.HEIGHT // 2, tiny.WIDTH // 2)
     assert bool(torch.isfinite(namespace["latents"]).all())
+
+
+def test_a_new_solver_does_not_inherit_the_old_ones_options(parts):
+    config = _pipeline(parts).scheduler.config
+    old = DiffsamplerScheduler.from_config(config, solver="ddim", eta=0.5)
+    assert DiffsamplerScheduler.from_config(old.config).solver == ds.solvers.get("ddim", eta=0.5)
+    assert DiffsamplerScheduler.from_config(old.config, solver="heun").solver == ds.solvers.get("heun")
+    assert DiffsamplerScheduler.from_config(old.config, solver=ds.solvers.get("ddim", eta=1.0)).solver.eta == 1.0
+
+
+def test_a_failed_or_abandoned_run_never_blocks_the_next(parts):
+    scheduler = DiffsamplerScheduler.from_config(_pipeline(parts).scheduler.config, solver="heun", grid="karras")
+    scheduler.set_timesteps(4)
+    x = parts["latents"]
+    bad = torch.full_like(x, float("nan"))
+    with pytest.raises(ds.NonFiniteError):
+        for ts in scheduler.timesteps:  # NaN outputs: the worker's non-finite check ends the run
+            x = scheduler.step(bad, ts, x).prev_sample
+    with pytest.raises(ds.NonFiniteError):  # the same evaluation again: a fresh run and its error, not a wait
+        scheduler.step(bad, scheduler.timesteps[scheduler.step_index], x)
+    scheduler.set_timesteps(4)
+    x = parts["latents"]
+    for ts in scheduler.timesteps:
+        x = scheduler.step(parts["unet"](x, ts, encoder_hidden_states=parts["prompt"]).sample, ts, x).prev_sample
+    assert bool(torch.isfinite(x).all())
+    # a scheduler dropped mid-run (the pipeline replaced it) takes its worker with it
+    before = threading.active_count()
+    scheduler = DiffsamplerScheduler.from_config(_pipeline(parts).scheduler.config, solver="heun", grid="karras")
+    scheduler.set_timesteps(4)
+    out = parts["unet"](x := parts["latents"], scheduler.timesteps[0], encoder_hidden_states=parts["prompt"]).sample
+    scheduler.step(out, scheduler.timesteps[0], x)
+    assert threading.active_count() == before + 1
+    del scheduler
+    gc.collect()
+    for _ in range(100):
+        if threading.active_count() == before:
+            break
+        threading.Event().wait(0.01)
+    assert threading.active_count() == before

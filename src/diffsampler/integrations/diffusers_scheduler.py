@@ -31,6 +31,7 @@ import math
 import queue
 import threading
 import warnings
+import weakref
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
@@ -104,14 +105,16 @@ def evaluation_plan(solver, process, grid: torch.Tensor) -> list[list[float]]:
 class _SolverThread:
     """One sampling run on a worker thread, resumed with one network output per ``scheduler.step`` call.
 
-    Messages to the worker: ``("start", sample, output)`` at a step's start, ``("answer", output,
+    Messages to the worker: ``("start", output, sample)`` at a step's start, ``("answer", output,
     sample)`` inside a step, ``("cancel",)``. From it: ``("query", x)`` (evaluate at ``x`` next),
     ``("stepped", x)`` (a step is done), ``("error", exception)``.
     """
 
     def __init__(self, scheduler: "DiffsamplerScheduler", x: torch.Tensor, grid: torch.Tensor, generator,
                  times: list[float]):
-        self._scheduler, self._times = scheduler, times
+        # A weak reference: a run the pipeline abandoned (an exception, an interrupt, a replaced scheduler)
+        # must not keep its scheduler alive; when the scheduler goes, the worker is cancelled.
+        self._scheduler, self._times = weakref.proxy(scheduler), times
         self._to_worker: queue.SimpleQueue = queue.SimpleQueue()
         self._to_main: queue.SimpleQueue = queue.SimpleQueue()
         self._supplied: tuple | None = None   # the start's output, answered without a round trip
@@ -119,10 +122,11 @@ class _SolverThread:
         self._thread = threading.Thread(target=self._body, args=(x, grid, generator), daemon=True,
                                         name="diffsampler-scheduler")
         self._thread.start()
+        weakref.finalize(scheduler, self.cancel)
 
     # -- the pipeline's side ---------------------------------------------------------------------
     def start(self, sample: torch.Tensor, output: torch.Tensor):
-        self._to_worker.put(("start", sample, output))
+        self._to_worker.put(("start", output, sample))
         return self._reply()
 
     def answer(self, output: torch.Tensor, sample: torch.Tensor):
@@ -170,7 +174,10 @@ class _SolverThread:
                                            corrections=sched._reading.corrections)
                 run = Run(model, x, grid, sched.solver, generator=generator, noise=sched.config.noise)
                 while not run.done:
-                    _, sample, output = self._receive()
+                    kind, output, sample = self._receive()
+                    if kind != "start":
+                        raise RuntimeError("DiffsamplerScheduler: the pipeline answered inside a step the solver "
+                                           "has not begun")
                     if sample is not run.x:
                         run.x = sample
                     self._supplied = (sample, output)
@@ -302,7 +309,6 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._run: _SolverThread | None = None
-        self._run_offset = 0
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -323,9 +329,11 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("base_scheduler", source)
             _base_class(source)
         solver = kwargs.get("solver", config.get("solver", "dpmpp_2m"))
-        options = dict(kwargs.pop("solver_options", None) or config.get("solver_options") or {})
+        # a config's own solver options go with its own solver only: a new solver starts from its defaults
+        inherited = config.get("solver_options") if "solver" not in kwargs else None
+        options = dict(kwargs.pop("solver_options", None) or inherited or {})
         if isinstance(solver, _solvers.Solver):
-            options = {**_options_of(solver), **options}
+            options = {**options, **_options_of(solver)}  # the object's options win
             kwargs["solver"] = solver = solver.name
         own = set(inspect.signature(cls.__init__).parameters) - {"self"}
         base_keys = set(inspect.signature(_base_class(kwargs.get("base_scheduler", config.get(
@@ -507,15 +515,22 @@ class DiffsamplerScheduler(SchedulerMixin, ConfigMixin):
         if not math.isclose(given, expected, rel_tol=1e-5, abs_tol=1e-4):
             raise ValueError(f"DiffsamplerScheduler.step: expected the output at timestep {expected:.6g} (evaluation "
                              f"{k} of {len(self._times)}), got timestep {given:.6g}")
-        if k in self._starts:
-            if self._run is None:
-                self._start_run(sample, k, generator)
-            kind, x = self._run.start(sample, model_output)
-        else:
-            if self._run is None:
-                raise RuntimeError(f"DiffsamplerScheduler.step: evaluation {k} lies inside a step; a run must begin "
-                                   f"at a step's first evaluation")
-            kind, x = self._run.answer(model_output, sample)
+        if model_output.ndim > 1 and sample.ndim > 1 and model_output.shape[1] == 2 * sample.shape[1]:
+            # a learned variance (variance_type="learned*"): the prediction, then the variance channels
+            model_output = model_output[:, : sample.shape[1]]
+        if k not in self._starts and self._run is None:
+            raise RuntimeError(f"DiffsamplerScheduler.step: evaluation {k} lies inside a step; a run must begin "
+                               f"at a step's first evaluation")
+        try:
+            if k in self._starts:
+                if self._run is None:
+                    self._start_run(sample, k, generator)
+                kind, x = self._run.start(sample, model_output)
+            else:
+                kind, x = self._run.answer(model_output, sample)
+        except BaseException:
+            self.cancel()  # the worker has ended (or is abandoned): the next run starts afresh
+            raise
         self._step_index = k + 1
         if k + 1 == len(self._times):
             self._run = None  # finished: its thread has ended
