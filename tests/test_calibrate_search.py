@@ -192,3 +192,16 @@ def test_shipped_plans_load_and_keep_their_budget():
         plan = load_plan(model=name, nfe=nfe)
         assert plan.nfe <= nfe and plan.info["calibration"]["seed"] == 0
         assert math.isfinite(plan.info["held_out"]["error"])
+
+
+def test_review_cases_get_clear_errors():
+    # a shipped plan's grid only for the process it was made for
+    from diffsampler.calibrate.search import calibrated_grid
+    with pytest.raises(ValueError, match="plans of 'digits' are for"):
+        calibrated_grid(ds.Flow(), 5, model="digits")
+    assert len(calibrated_grid(ds.models.load("digits").process, 5, model="digits")) >= 6
+    # the command reports a bad model in one message
+    from typer.testing import CliRunner
+    from diffsampler.cli import app
+    result = CliRunner().invoke(app, ["calibrate", "--model", "nope", "--nfe", "5"])
+    assert result.exit_code == 2 and "is not a shipped model" in result.output and "Traceback" not in result.output

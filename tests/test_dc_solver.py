@@ -126,3 +126,11 @@ def test_bad_input():
         fit_cpr([(5, (1.0, 1.0, 0.9))])
     with pytest.raises(ValueError, match="steps"):
         predict_ratios(fit_cpr([(5, (1.0,) * 5)]), 0)
+
+
+def test_cpr_keeps_the_solvers_dc_order():
+    from diffsampler.calibrate.dc import fit_cpr, predict_ratios
+    tables = [(steps, [1.0] * 3 + [1.0 + 0.01 * i for i in range(steps - 3)]) for steps in (6, 8, 10)]
+    cpr = fit_cpr(tables, degree=1, dc_order=3)
+    assert cpr.dc_order == 3 and predict_ratios(cpr, 7)[:3] == (1.0, 1.0, 1.0)
+    ds.solvers.get("dc_solver", dc_order=3, ratios=predict_ratios(cpr, 7))  # accepted by the solver it was fitted for

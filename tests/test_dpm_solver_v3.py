@@ -191,3 +191,28 @@ def test_bad_input():
         ems(GAUSSIAN.denoiser(p, "eps"), x, probes=0)
     with pytest.raises(ValueError, match="strictly increasing"):
         dataclasses.replace(stats, lam=stats.lam.flip(0))
+
+
+def test_a_grid_finer_than_the_statistics_is_refused_by_name():
+    from diffsampler.calibrate.ems import ModelStatistics
+    process = ds.VPLinear()
+    stats = ModelStatistics.degenerate(process, torch.linspace(1.0, 1e-3, 10, dtype=torch.float64), (2,))
+    model = ds.testbeds.random_mixture(2, 2, seed=0).denoiser(process, "eps")
+    x = process.prior((3, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match="snap to the same node"):
+        ds.sample(model, x, ds.grids.logsnr(process, 20), ds.solvers.get("dpm_solver_v3", statistics=stats))
+
+
+def test_ems_takes_per_sample_conditioning():
+    # its Jacobian-vector products evaluate several copies of the batch at once: the labels follow them
+    process = ds.VPLinear()
+
+    def net(x, t, label):
+        assert label.shape[0] == x.shape[0]
+        return 0.3 * x + label.reshape(-1, 1).to(x.dtype)
+
+    model = ds.Denoiser(net, process, "eps")
+    x = process.prior((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = ds.calibrate.ems(model, x, steps=8, probes=2, label=torch.tensor([0, 1, 2, 3]),
+                             generator=torch.Generator().manual_seed(1))
+    assert stats.shape == (2,) and bool(torch.isfinite(stats.l).all())

@@ -19,7 +19,7 @@ from .process import Process
 
 __all__ = ["uniform", "logsnr", "karras", "quadratic", "explicit", "shift", "validate", "get", "names", "GRIDS",
            "dpm_fast", "exponential", "polyexponential", "kl_optimal", "vp", "laplace", "normal", "sgm_uniform",
-           "simple", "ddim_uniform", "beta", "linear_quadratic", "ays", "calibrated", "AYS_NOISE_LEVELS"]
+           "simple", "ddim_uniform", "beta", "linear_quadratic", "ays", "AYS_NOISE_LEVELS"]
 
 ENDS = ("zero", "min")
 
@@ -508,14 +508,6 @@ def ays(process: Process, steps: int, model: str = "SD1") -> torch.Tensor:
     return _finish(process, "ays", levels, "zero")
 
 
-def calibrated(process: Process, steps: int, *, model: str) -> torch.Tensor:
-    """The grid of the calibrated plan shipped for ``model`` at ``steps`` evaluations
-    (:func:`diffsampler.calibrate.load_plan`; a plan with the analytical first step also needs its solver,
-    so ``load_plan(model=..., nfe=...)`` is the complete form)."""
-    from .calibrate.search import calibrated_grid
-    return calibrated_grid(process, steps, model=model)
-
-
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "uniform": uniform,
     "logsnr": logsnr,
@@ -534,7 +526,6 @@ GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "beta": beta,
     "linear_quadratic": linear_quadratic,
     "ays": ays,
-    "calibrated": calibrated,
 }
 
 

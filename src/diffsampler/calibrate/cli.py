@@ -130,4 +130,8 @@ def command(
     points: int = typer.Option(None, help="Calibration start points (default: 512 toys, 128 digits)."),
 ) -> None:
     """Search a calibrated plan (solver, grid, analytical first step) for a shipped model; report it."""
-    raise typer.Exit(run(argparse.Namespace(model=model, nfe=nfe, out=out, seed=seed, points=points)))
+    try:
+        code = run(argparse.Namespace(model=model, nfe=nfe, out=out, seed=seed, points=points))
+    except ValueError as error:  # an unknown model, a budget no solver fits, a bad --out: the message, no traceback
+        raise typer.BadParameter(str(error)) from None
+    raise typer.Exit(code)

@@ -115,9 +115,11 @@ def fit_ratios(model, x: torch.Tensor, grid: torch.Tensor, reference: torch.Tens
 @dataclass(frozen=True)
 class CPR:
     """The cascade polynomial regression's coefficients, shape ``(degree + 1, 3, 3)``: ``[p, a, b]`` weighs
-    ``u^p (guidance/12)^(2-a) (steps/50)^(2-b)``, as the authors' ``cascade_polynomial_regression``."""
+    ``u^p (guidance/12)^(2-a) (steps/50)^(2-b)``, as the authors' ``cascade_polynomial_regression``;
+    ``dc_order``: the solver's, whose first ``dc_order`` steps are not compensated (ratio 1)."""
 
     coefficients: np.ndarray
+    dc_order: int = 2
 
     def __call__(self, steps: int, guidance: float = 1.0) -> tuple[float, ...]:
         return predict_ratios(self, steps, guidance)
@@ -129,31 +131,34 @@ def _features(steps: int, guidance: float, step: int, degree: int) -> np.ndarray
                      for p in range(degree + 1)]).ravel()
 
 
-def fit_cpr(tables, degree: int = 3) -> CPR:
+def fit_cpr(tables, degree: int = 3, dc_order: int = 2) -> CPR:
     """Fit the CPR to ``tables``: an iterable of ``(steps, ratios)`` or ``(steps, ratios, guidance)``
-    (guidance 1 when absent), ``ratios`` one per step as :func:`fit_ratios` returns them. The first two
-    steps' ratios are not fitted (they are 1)."""
+    (guidance 1 when absent), ``ratios`` one per step as :func:`fit_ratios` returns them for a solver of
+    ``dc_order``. The first ``dc_order`` steps' ratios are not fitted (they are 1)."""
     if not (isinstance(degree, int) and degree >= 0):
         raise ValueError(f"fit_cpr: degree = {degree!r} is invalid; allowed: an integer >= 0")
+    if not (isinstance(dc_order, int) and dc_order >= 1):
+        raise ValueError(f"fit_cpr: dc_order = {dc_order!r} is invalid; allowed: an integer >= 1")
     rows, targets = [], []
     for entry in tables:
         steps, ratios, guidance = (tuple(entry) + (1.0,))[:3]
         if len(ratios) != steps:
             raise ValueError(f"fit_cpr: a table for {steps} steps has {len(ratios)} ratios; allowed: one per step")
-        for step in range(3, steps + 1):  # 1-based, as the authors'
+        for step in range(dc_order + 1, steps + 1):  # 1-based, as the authors'
             rows.append(_features(steps, guidance, step, degree))
             targets.append(ratios[step - 1])
     if not rows:
-        raise ValueError("fit_cpr: tables hold no ratio beyond the first two steps; allowed: tables of >= 3 steps")
+        raise ValueError(f"fit_cpr: tables hold no ratio beyond the first {dc_order} steps; allowed: tables of "
+                         f">= {dc_order + 1} steps")
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
-    return CPR(coef.reshape(degree + 1, 3, 3))
+    return CPR(coef.reshape(degree + 1, 3, 3), dc_order)
 
 
 def predict_ratios(cpr: CPR, steps: int, guidance: float = 1.0) -> tuple[float, ...]:
-    """The ratios the CPR predicts for a run of ``steps`` steps at ``guidance`` (1 for the first two)."""
+    """The ratios the CPR predicts for a run of ``steps`` steps at ``guidance`` (1 for the first ``dc_order``)."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"predict_ratios: steps = {steps!r} is invalid; allowed: an integer >= 1")
     degree = cpr.coefficients.shape[0] - 1
     flat = cpr.coefficients.ravel()
-    return tuple(1.0 if step < 3 else float(_features(steps, guidance, step, degree) @ flat)
+    return tuple(1.0 if step <= cpr.dc_order else float(_features(steps, guidance, step, degree) @ flat)
                  for step in range(1, steps + 1))

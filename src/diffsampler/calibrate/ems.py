@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..loop import sample
+from ..loop import sample, take
 
 __all__ = ["ModelStatistics", "ems", "statistics_grid"]
 
@@ -205,7 +205,9 @@ def ems(model, x: torch.Tensor, *, steps: int = 200, probes: int = 4, t_min=None
         dloga = _d_log_alpha_d_lambda(process, t)
 
         def noise_term(y, time=t):  # N = sigma eps at fixed time
-            return model(y, time, **cond).eps * abs(float(process.sigma(time)))
+            # the JVP evaluates probes + 1 copies of the batch at once: per-sample conditioning follows
+            given = cond if y.shape[0] == n else take(cond, torch.arange(n).repeat(y.shape[0] // n), n)
+            return model(y, time, **given).eps * abs(float(process.sigma(time)))
 
         with torch.no_grad():
             N = noise_term(xj)

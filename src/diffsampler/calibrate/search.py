@@ -151,7 +151,7 @@ class Candidate:
         solver = self.solver.base if isinstance(self.solver, AnalyticalFirstStep) else self.solver
         options = ", ".join(f"{k}={v!r}" for k, v in solver_record(solver)["options"].items()
                             if v != getattr(type(solver)(), k))
-        jump = f" + first step to {self.first_step:g} std" if self.first_step is not None else ""
+        jump = f" + first step to {self.first_step:.3g} std" if self.first_step is not None else ""
         return f"{solver.name}{f'({options})' if options else ''} on {self.source}{jump}"
 
 
@@ -246,10 +246,14 @@ def load_plan(path: str | Path | None = None, *, model: str | None = None, nfe: 
 
 
 def calibrated_grid(process, steps: int, *, model: str) -> torch.Tensor:
-    """The grid of the shipped plan of ``model`` for ``steps`` evaluations (``ds.grids.get("calibrated", ...)``).
+    """The grid of the shipped plan of ``model`` for ``steps`` network evaluations.
 
-    Only half of a plan: the grid was chosen for the plan's solver (and its first step), so sample with
-    ``load_plan(model=..., nfe=...).solver`` to get the calibrated error."""
+    Only half of a plan: the grid was chosen for the plan's solver (and its first step, whose grid has one
+    interval more than the network steps), so sample with ``load_plan(model=..., nfe=...).solver``."""
+    from .. import models as _models
+    expected = _models.load(model).process
+    if repr(process) != repr(expected):
+        raise ValueError(f"calibrated_grid: the plans of {model!r} are for {expected!r}, got process {process!r}")
     return _grids.validate(process, load_plan(model=model, nfe=steps).grid)
 
 
@@ -311,13 +315,20 @@ class Calibration:
             steps += 1
         return steps
 
+    def _data_std(self) -> float:
+        """The data's RMS standard deviation under the Gaussian statistics."""
+        return math.sqrt((float(self.stats.variances.sum()) + self.stats.residual * (self.stats.dim - self.stats.rank))
+                         / self.stats.dim)
+
     def _skip_time(self, level: float) -> float | None:
         """The time the first step jumps to: noise-to-signal ``level`` times the data's RMS std (``None`` where
         that lies outside ``(t_min, t_max)``)."""
-        std = math.sqrt((float(self.stats.variances.sum()) + self.stats.residual * (self.stats.dim - self.stats.rank))
-                        / self.stats.dim)
-        t = float(self.process.t_of_lambda(-math.log(level * std)))
+        t = float(self.process.t_of_lambda(-math.log(level * self._data_std())))
         return t if self.process.t_min < t < self.process.t_max else None
+
+    def _level(self, t: float) -> float:
+        """The inverse of :meth:`_skip_time`: the noise-to-signal level at ``t`` in data standard deviations."""
+        return math.exp(-float(self.process.lambda_(torch.tensor(t, dtype=torch.float64)))) / self._data_std()
 
     def _hand_made(self, solver, nfe: int) -> list[Candidate]:
         """The solver on every hand-made grid, with and without the first step, within ``nfe``."""
@@ -365,7 +376,9 @@ class Calibration:
             except ValueError:
                 continue                    # a method this process cannot take (DMN at a flow's t = 1)
             used = AnalyticalFirstStep(solver, self.stats) if jump else solver
-            found = self._judge(used, grid, method.name, config.first_step, nfe)
+            # the jump goes to the calibrated grid's second knot, whatever level the hand-made stage had
+            level = self._level(float(grid[1])) if jump else None
+            found = self._judge(used, grid, method.name, level, nfe)
             if found is not None:
                 out.append(found)
         return out

@@ -228,6 +228,11 @@ class DPMSolverV3(Solver):
             k = snap_to_statistics(stats, lam)
             ts = float(stats.t[k])
             p = knots.process
+            if out and out[-1][4] == k:
+                raise ValueError(f"dpm_solver_v3: grid knots {len(out) - 1} and {len(out)} (t = {out[-1][0]:.6g}) snap to "
+                                 f"the same node of the statistics' {len(stats.t)}-node grid, a step of length zero; "
+                                 f"allowed: a grid no finer than the statistics (fewer steps, or statistics estimated "
+                                 f"on more nodes: ds.calibrate.ems(..., steps=))")
             out.append((ts, float(stats.lam[k]), float(p.alpha(ts)), abs(float(p.sigma(ts))), k))
         return out
 
