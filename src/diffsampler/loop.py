@@ -316,10 +316,7 @@ class Run:
 
 def _backward_grid(process, grid, solver) -> torch.Tensor:
     """The increasing grid of a backward run, checked, with a solver that can run it."""
-    if solver.stochastic or solver.adaptive:
-        kind = "stochastic (it draws noise)" if solver.stochastic else "adaptive (it picks its own steps)"
-        raise ValueError(f"solver {solver.name!r} is {kind} and cannot be run backward; allowed: a deterministic "
-                         f"solver that takes the grid's steps (e.g. 'ddim', 'dpmpp_2m', 'unipc'), or ddim's eta=0")
+    _solvers.base.require_grid_steps(solver, "backward run", "and cannot be run backward")
     g = _grids.validate(process, grid, increasing=True)
     if g[0] == 0.0:
         raise ValueError("a backward run cannot start at t = 0 (no solver steps from a data point); start it at the "

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import solvers as _solvers
-from ..solvers.base import Knots, Solver
+from ..solvers.base import Knots, Solver, require_grid_steps
 
 __all__ = ["GaussianStats", "AnalyticalFirstStep", "FirstStepState"]
 
@@ -240,11 +240,8 @@ class AnalyticalFirstStep(Solver):
         if not isinstance(self.base, Solver) or isinstance(self.base, AnalyticalFirstStep):
             raise TypeError(f"analytical_first_step: base must be a solver object (ds.solvers.get(name, ...)) other "
                             f"than another analytical first step, got {type(self.base).__name__}")
-        if self.base.stochastic or self.base.adaptive:
-            kind = "stochastic (it draws noise)" if self.base.stochastic else "adaptive (it picks its own steps)"
-            raise ValueError(f"analytical_first_step: base = {self.base.name!r} is {kind}, but the analytical jump "
-                             f"follows the probability-flow ODE; allowed: a deterministic solver that takes the "
-                             f"grid's steps (e.g. 'ddim', 'dpmpp_2m', 'heun')")
+        require_grid_steps(self.base, "analytical_first_step (base)",
+                           "but the analytical jump follows the probability-flow ODE")
         if not isinstance(self.stats, GaussianStats):
             raise TypeError(f"analytical_first_step: stats must be GaussianStats (the data's mean and covariance: "
                             f"GaussianStats.from_samples(data) or .of_testbed(mixture)), got "

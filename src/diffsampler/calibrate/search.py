@@ -37,6 +37,7 @@ from ..loop import sample, take
 from ..solvers.base import Solver
 from .base import GridMethod, check_model, check_start, into_zero, per_sample_norm, teacher_trajectory
 from .gits import GITS
+from ..solvers.base import require_grid_steps
 from .first_step import AnalyticalFirstStep, GaussianStats, solver_record
 
 __all__ = ["search", "SearchSpace", "Plan", "Calibration", "Candidate", "load_plan", "shipped_plans",
@@ -121,12 +122,8 @@ class SearchSpace:
                 solver = _solvers.get(entry[0], **entry[1])
             else:
                 solver = _solvers.resolve(entry)
-            if solver.stochastic or solver.adaptive:
-                kind = "stochastic (it draws noise)" if solver.stochastic else "adaptive (it picks its own steps)"
-                raise ValueError(f"calibrate.search: solver {solver.name!r} is {kind}, but the search judges "
-                                 f"solvers against the probability-flow ODE's reference with deterministic grid "
-                                 f"methods; allowed: deterministic solvers that take the grid's steps (e.g. 'ddim', "
-                                 f"'dpmpp_2m', 'heun', or ddim with eta=0)")
+            require_grid_steps(solver, "calibrate.search", "but the search judges solvers against the "
+                               "probability-flow ODE's reference with deterministic grid methods")
             out.append(solver)
         return out
 

@@ -35,7 +35,7 @@ from .._scalars import coefficient
 from ..denoiser import Prediction
 from ..process import Process
 
-__all__ = ["Knots", "Solver", "Model", "NoiseOptions", "coefficient", "combine"]
+__all__ = ["Knots", "Solver", "Model", "NoiseOptions", "coefficient", "combine", "require_grid_steps"]
 
 Model = Callable[[torch.Tensor, Any], Prediction]
 
@@ -192,3 +192,12 @@ class NoiseOptions:
     @property
     def stochastic(self) -> bool:
         return self.eta > 0 and self.s_noise > 0
+
+
+def require_grid_steps(solver: Solver, who: str, why: str, allowed: str = "a deterministic solver that takes the "
+                       "grid's steps (e.g. 'ddim', 'dpmpp_2m', 'heun', or ddim with eta=0)") -> None:
+    """Refuse a stochastic or adaptive ``solver`` where ``who`` needs the grid's own deterministic steps
+    (inversion, the analytical first step, calibration against the probability-flow ODE), saying ``why``."""
+    if solver.stochastic or solver.adaptive:
+        kind = "stochastic (it draws noise)" if solver.stochastic else "adaptive (it picks its own steps)"
+        raise ValueError(f"{who}: solver {solver.name!r} is {kind}, {why}; allowed: {allowed}")
