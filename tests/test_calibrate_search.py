@@ -205,3 +205,15 @@ def test_review_cases_get_clear_errors():
     from diffsampler.cli import app
     result = CliRunner().invoke(app, ["calibrate", "--model", "nope", "--nfe", "5"])
     assert result.exit_code == 2 and "is not a shipped model" in result.output and "Traceback" not in result.output
+
+
+def test_the_readmes_calibration_example_runs():
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Calibration: few-step sampling fitted to your model", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(block, "README.md (Calibration)", "exec"), namespace)  # noqa: S102
+    assert namespace["samples"].shape == (16, 2) and bool(torch.isfinite(namespace["samples"]).all())
+    assert namespace["plan"].nfe <= 5 and len(namespace["grid"]) >= 3
