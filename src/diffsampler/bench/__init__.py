@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,15 @@ def run(quick: bool = False, root: Path | str = ".", threads: int = 1,
     ``sections`` re-runs only some parts; the others are read back from the
     existing ``benchmarks/results.json``.
     """
+    with warnings.catch_warnings():
+        # The peers' DDIM/PNDM "trailing" configurations step to timesteps their own lists lack; the
+        # accuracy tables judge them as they run (tests/test_parity.py names the quirk): no warning per config.
+        warnings.filterwarnings("ignore", message="grid_from_scheduler: .* no grid reproduces that",
+                                category=UserWarning)
+        return _run(quick, root, threads, log, sections)
+
+
+def _run(quick: bool, root: Path | str, threads: int, log: Callable[[str], None], sections: tuple[str, ...]) -> Path:
     import torch
     from diffusers.utils import logging as dlogging
 
