@@ -17,6 +17,7 @@ import torch
 
 from .. import grids as _grids
 from .. import solvers as _solvers
+from .._options import Options
 from ..loop import sample
 
 __all__ = ["GridMethod", "Teacher", "teacher_trajectory", "steps_for_budget", "check_model", "check_start",
@@ -28,7 +29,7 @@ __all__ = ["GridMethod", "Teacher", "teacher_trajectory", "steps_for_budget", "c
 START_SCALE_TOLERANCE = 2.0
 
 
-class GridMethod:
+class GridMethod(Options):
     """Base class of the grid optimisers: a frozen dataclass of options plus :meth:`optimise`.
 
     ``deterministic_only`` says whether the method measures the solver against the probability-flow
@@ -43,10 +44,8 @@ class GridMethod:
         """A grid of exactly ``steps`` intervals from ``t_max`` (to 0 where the process reaches data)."""
         raise NotImplementedError
 
-    def _require(self, ok: bool, option: str, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"calibrate method {self.name!r}: {option} = {getattr(self, option)!r} is invalid; "
-                             f"allowed: {allowed}")
+    def _label(self) -> str:
+        return f"calibrate method {self.name!r}"
 
     def _require_int(self, option: str, low: int) -> None:
         v = getattr(self, option)

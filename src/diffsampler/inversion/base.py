@@ -7,7 +7,6 @@ An inversion runs an ordinary (decreasing) sampling grid backward, from ``grid[-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -15,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from .. import grids as _grids
+from .._options import Options
 from ..denoiser import Prediction
 
 __all__ = ["Inversion", "InversionMethod", "first_step", "check_model", "check_x0", "decreasing", "move",
@@ -42,7 +42,7 @@ class Inversion:
                 f"data: {', '.join(self.data) or 'none'})")
 
 
-class InversionMethod:
+class InversionMethod(Options):
     """Base of the inversion methods: frozen dataclasses of options with ``invert`` and ``regenerate``."""
 
     name: ClassVar[str]
@@ -54,14 +54,8 @@ class InversionMethod:
     def regenerate(self, model, inv: Inversion, grid, **cond) -> torch.Tensor:
         raise NotImplementedError
 
-    @classmethod
-    def options(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-
-    def _require(self, ok: bool, option: str, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"inversion {self.name!r}: {option} = {getattr(self, option)!r} is invalid; "
-                             f"allowed: {allowed}")
+    def _label(self) -> str:
+        return f"inversion {self.name!r}"
 
     def check(self, inv, grid, process) -> torch.Tensor:
         """``grid`` validated, after checking that ``inv`` was made by this method over this grid."""

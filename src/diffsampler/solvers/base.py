@@ -24,13 +24,13 @@ its own steps (then its cost follows from its tolerances),
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
+from .._options import Options
 from .._scalars import coefficient
 from ..denoiser import Prediction
 from ..process import Process
@@ -124,7 +124,7 @@ class Knots:
         return self.lam[i + 1] - self.lam[i]
 
 
-class Solver:
+class Solver(Options):
     """Base class of all solvers: a frozen dataclass of hyperparameters plus ``init``/``step``."""
 
     name: ClassVar[str]
@@ -161,16 +161,7 @@ class Solver:
     def step(self, model: Model, x: torch.Tensor, i: int, state: Any, noise) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    @classmethod
-    def options(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-
-    # helpers for subclasses' __post_init__ ---------------------------------
-    def _require(self, ok: bool, option: str, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"{self.name}: {option} = {getattr(self, option)!r} is invalid; "
-                             f"allowed: {allowed}")
-
+    # helpers for subclasses' __post_init__ (and options(), _require from Options) --------
     def _require_finite_nonneg(self, option: str) -> None:
         v = getattr(self, option)
         self._require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
